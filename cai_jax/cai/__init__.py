@@ -1,0 +1,1 @@
+"""Constitutional AI stages: constitution, prompt sources, revisions, feedback labeller, PMP data."""

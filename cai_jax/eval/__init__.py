@@ -1,0 +1,1 @@
+"""Evaluations: multiple-choice evals, PM accuracy and calibration, Elo, Goodhart monitors."""

@@ -1,0 +1,332 @@
+"""A pure-functional Flax decoder for the Llama family (SmolLM2, Llama 2/3, Mistral, Qwen2).
+
+Two entry points share one set of parameters:
+
+* `Transformer.__call__(tokens_BL, ...)` -> float32 logits [B, L, V]: training and scoring. Takes a
+  padding mask (left- or right-padded batches) or segment ids (packed sequences) and optional
+  explicit positions.
+* `Transformer.decode(tokens_BT, positions_BT, cache, cache_index, kv_mask_BS)` -> (logits, cache):
+  writes T new keys/values into a preallocated KV cache at `cache_index` (the same slot for every
+  row; left padding keeps rows aligned) and attends over the cache slots allowed by `kv_mask_BS`.
+
+Shapes use suffixes: B batch, L/T query length, S key (cache) length, E embed, H query heads,
+K kv heads, G = H // K, D head dim, M mlp hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cai_jax.models.config import ModelConfig
+
+Cache = list  # one {"k": [B, K, S, D], "v": [B, K, S, D]} dict per layer
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite, so fully masked rows give no NaN
+
+
+def _init(std: float, names: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [D/2], with linear or Llama 3 scaling applied (as in HF)."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    rs = cfg.rope_scaling
+    if rs.rope_type == "linear":
+        inv = inv / rs.factor
+    elif rs.rope_type == "llama3":
+        low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / rs.factor, inv)
+        smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(is_medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotary embedding in HF's half-split layout: x * cos + rotate_half(x) * sin (fp32 math)."""
+    angles_BTF = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+    cos = jnp.cos(angles_BTF)[:, :, None, :]
+    sin = jnp.sin(angles_BTF)[:, :, None, :]
+    x = x_BTHD.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTHD.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTE, positions_BT, mask_BTS, cache=None, cache_index=None):
+        cfg = self.cfg
+        dt, pdt = cfg.jnp_dtype, cfg.jnp_param_dtype
+        h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        std = 0.02
+
+        def proj(name, heads, axes):
+            return nn.DenseGeneral(
+                (heads, d),
+                use_bias=cfg.attention_bias,
+                dtype=dt,
+                param_dtype=pdt,
+                kernel_init=_init(std, ("embed",) + axes),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes),
+                name=name,
+            )(x_BTE)
+
+        q_BTHD = proj("q_proj", h, ("q_heads", "head_dim"))
+        k_BTKD = proj("k_proj", k, ("kv_heads", "head_dim"))
+        v_BTKD = proj("v_proj", k, ("kv_heads", "head_dim"))
+        inv_freq = rope_inv_freq(cfg)
+        q_BTHD = apply_rope(q_BTHD, positions_BT, inv_freq)
+        k_BTKD = apply_rope(k_BTKD, positions_BT, inv_freq)
+
+        # Keys/values live as [B, K, S, D] so both attention matmuls batch over (B, K) without
+        # transposing the whole cache every step.
+        k_BKTD = k_BTKD.transpose(0, 2, 1, 3)
+        v_BKTD = v_BTKD.transpose(0, 2, 1, 3)
+        new_cache = None
+        if cache is not None:
+            idx = (0, 0, cache_index, 0)
+            k_BKSD = jax.lax.dynamic_update_slice(cache["k"], k_BKTD.astype(cache["k"].dtype), idx)
+            v_BKSD = jax.lax.dynamic_update_slice(cache["v"], v_BKTD.astype(cache["v"].dtype), idx)
+            new_cache = {"k": k_BKSD, "v": v_BKSD}
+        else:
+            k_BKSD, v_BKSD = k_BKTD, v_BKTD
+
+        b, t = q_BTHD.shape[:2]
+        g = h // k
+        # (G, T) merged into one axis M: a plain batched matmul over (B, K), no layout copies.
+        q_BKMD = q_BTHD.reshape(b, t, k, g, d).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, d)
+        q_BKMD = q_BKMD * jnp.asarray(d**-0.5, dt)
+        scores_BKMS = jnp.einsum("bkmd,bksd->bkms", q_BKMD, k_BKSD.astype(dt), preferred_element_type=jnp.float32)
+        scores_BKGTS = scores_BKMS.reshape(b, k, g, t, -1)
+        scores_BKGTS = jnp.where(mask_BTS[:, None, None, :, :], scores_BKGTS, _MASK_VALUE)
+        probs_BKMS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dt).reshape(b, k, g * t, -1)
+        out_BKMD = jnp.einsum("bkms,bksd->bkmd", probs_BKMS, v_BKSD.astype(dt))
+        out_BTKGD = out_BKMD.reshape(b, k, g, t, d).transpose(0, 3, 1, 2, 4)
+        out_BTHD = out_BTKGD.reshape(b, t, h, d)
+        out_BTE = nn.DenseGeneral(
+            cfg.hidden_size,
+            axis=(-2, -1),
+            use_bias=False,
+            dtype=dt,
+            param_dtype=pdt,
+            kernel_init=_init(std, ("q_heads", "head_dim", "embed")),
+            name="o_proj",
+        )(out_BTHD)
+        return out_BTE, new_cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTE):
+        cfg = self.cfg
+        dense = lambda n, name, axes: nn.Dense(  # noqa: E731
+            n, use_bias=False, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+            kernel_init=_init(0.02, axes), name=name,
+        )  # fmt: skip
+        gate = dense(cfg.intermediate_size, "gate_proj", ("embed", "mlp"))(x_BTE)
+        up = dense(cfg.intermediate_size, "up_proj", ("embed", "mlp"))(x_BTE)
+        hidden_BTM = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return dense(cfg.hidden_size, "down_proj", ("mlp", "embed"))(hidden_BTM)
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTE, positions_BT, mask_BTS, cache=None, cache_index=None):
+        cfg = self.cfg
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name=name)  # noqa: E731
+        attn_out, new_cache = Attention(cfg, name="self_attn")(
+            norm("input_layernorm")(x_BTE), positions_BT, mask_BTS, cache, cache_index
+        )
+        x_BTE = x_BTE + attn_out
+        x_BTE = x_BTE + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x_BTE))
+        x_BTE = nn.with_logical_constraint(x_BTE, ("batch", "length", "embed"))
+        return x_BTE, new_cache
+
+
+def _remat_policy(name: str):
+    if name == "dots":
+        return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+    return None
+
+
+def _window(mask_BTS, q_pos_BT, k_pos_BS, window):
+    if window is None:
+        return mask_BTS
+    return mask_BTS & (q_pos_BT[:, :, None] - k_pos_BS[:, None, :] < window)
+
+
+def default_positions(mask_BL: jax.Array | None, segment_ids_BL: jax.Array | None, shape) -> jax.Array:
+    """Positions that make left padding and packing transparent.
+
+    Padded: position = number of real tokens before this one (pads get 0). Packed: the offset
+    of each token from the start of its segment.
+    """
+    b, l = shape
+    if segment_ids_BL is not None:
+        idx = jnp.broadcast_to(jnp.arange(l), (b, l))
+        starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]], axis=1)
+        start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+        return (idx - start_idx).astype(jnp.int32)
+    if mask_BL is not None:
+        return jnp.maximum(jnp.cumsum(mask_BL.astype(jnp.int32), axis=1) - 1, 0)
+    return jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+
+
+class Transformer(nn.Module):
+    """Llama-family causal LM. See the module docstring for the two entry points."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=cfg.jnp_dtype,
+            param_dtype=cfg.jnp_param_dtype,
+            embedding_init=_init(0.02, ("vocab", "embed")),
+        )
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=_remat_policy(cfg.remat), prevent_cse=True)
+        self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+        self.norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=cfg.jnp_dtype,
+                param_dtype=cfg.jnp_param_dtype,
+                kernel_init=_init(0.02, ("embed", "vocab")),
+            )
+
+    def logits(self, h_BTE: jax.Array) -> jax.Array:
+        """Final hidden states [B, T, E] -> float32 logits [B, T, V]."""
+        if self.cfg.tie_word_embeddings:
+            emb_VE = jnp.asarray(self.embed_tokens.embedding, self.cfg.jnp_dtype)
+            logits = jnp.einsum("bte,ve->btv", h_BTE, emb_VE, preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(h_BTE)
+        return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+    def __call__(
+        self,
+        tokens_BL: jax.Array,
+        mask_BL: jax.Array | None = None,
+        positions_BL: jax.Array | None = None,
+        segment_ids_BL: jax.Array | None = None,
+        return_hidden: bool = False,
+    ) -> jax.Array:
+        """Full causal forward pass.
+
+        Args:
+          tokens_BL: int token ids.
+          mask_BL: 1/True for real tokens, 0 for padding (either side). Pads are never attended to.
+          positions_BL: explicit RoPE positions; by default derived from the mask or segments.
+          segment_ids_BL: packed sequences: tokens attend only within their segment id (0 = pad).
+          return_hidden: return the final normed hidden states [B, L, E] instead of logits.
+
+        Returns:
+          float32 logits [B, L, V] (or hidden states).
+        """
+        b, l = tokens_BL.shape
+        if positions_BL is None:
+            positions_BL = default_positions(mask_BL, segment_ids_BL, (b, l))
+        causal_LL = jnp.tril(jnp.ones((l, l), bool))
+        mask_BLL = jnp.broadcast_to(causal_LL, (b, l, l))
+        if segment_ids_BL is not None:
+            same = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+            mask_BLL = mask_BLL & same & (segment_ids_BL[:, None, :] != 0)
+        if mask_BL is not None:
+            mask_BLL = mask_BLL & mask_BL.astype(bool)[:, None, :]
+        mask_BLL = _window(mask_BLL, positions_BL, positions_BL, self.cfg.sliding_window)
+        x = self.embed_tokens(tokens_BL)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        for layer in self.layers:
+            x, _ = layer(x, positions_BL, mask_BLL)
+        h = self.norm(x)
+        return h if return_hidden else self.logits(h)
+
+    def decode(
+        self,
+        tokens_BT: jax.Array,
+        positions_BT: jax.Array,
+        cache: Cache,
+        cache_index: jax.Array,
+        kv_mask_BS: jax.Array,
+        kv_positions_BS: jax.Array | None = None,
+    ) -> tuple[jax.Array, Cache]:
+        """Forward T new tokens against a KV cache.
+
+        Args:
+          tokens_BT: new token ids, written to cache slots [cache_index, cache_index + T).
+          positions_BT: their RoPE positions.
+          cache: per-layer {"k", "v"} arrays [B, K, S, D] (see `init_cache`).
+          cache_index: int scalar, first slot to write.
+          kv_mask_BS: which cache slots hold real tokens, *including* the T being written.
+          kv_positions_BS: positions of the cache slots (only needed for sliding windows).
+
+        Returns:
+          (float32 logits [B, T, V], updated cache).
+        """
+        t = tokens_BT.shape[1]
+        s = kv_mask_BS.shape[1]
+        slots_S = jnp.arange(s)
+        causal_TS = slots_S[None, :] <= cache_index + jnp.arange(t)[:, None]
+        mask_BTS = causal_TS[None] & kv_mask_BS.astype(bool)[:, None, :]
+        if self.cfg.sliding_window is not None:
+            mask_BTS = _window(mask_BTS, positions_BT, kv_positions_BS, self.cfg.sliding_window)
+        x = self.embed_tokens(tokens_BT)
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x, c = layer(x, positions_BT, mask_BTS, layer_cache, cache_index)
+            new_cache.append(c)
+        return self.logits(self.norm(x)), new_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
+    """Zeroed KV cache: per layer {"k", "v"} of shape [batch, kv_heads, length, head_dim]."""
+    dtype = dtype or cfg.jnp_dtype
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
+    """Random parameters (unboxed, no logical-partitioning wrappers)."""
+    model = Transformer(cfg)
+    variables = jax.jit(model.init)(rng, jnp.zeros((1, 8), jnp.int32))
+    return nn.meta.unbox(variables["params"])

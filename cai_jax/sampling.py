@@ -1,0 +1,377 @@
+"""KV-cache sampler: one jitted prefill + `lax.while_loop` decode over a preallocated cache.
+
+    out = generate(lm, prompt_ids, rng=jax.random.key(0), max_new_tokens=64,
+                   temperature=1.0, top_p=1.0, top_k=0, stop_at_eos=True)
+
+Design choices (written down because callers rely on them):
+
+* Prompts are left-padded to a bucketed length and the batch to a power of two, so a new batch
+  rarely recompiles; the padding never changes a row's output (pads are masked, positions count
+  real tokens only).
+* Randomness is per row: row i at step t draws from `fold_in(fold_in(rng, i), t)`, so a prompt's
+  samples depend only on the key and its index in `prompt_ids`, not on batch size or bucketing.
+* Sampling uses the inverse CDF over two levels (blocks of 256 vocabulary entries, then within
+  the block): one uniform number per row and step instead of V Gumbel draws, exact in
+  distribution. top-k uses `lax.top_k`; top-p finds its threshold among the top 256 probabilities
+  and falls back to bisection over the whole vocabulary only when those do not reach p.
+* `out.logprobs` is the log-prob of each sampled token under the distribution it was drawn from
+  (after temperature, top-k and top-p). For greedy decoding (temperature 0) it is the model's
+  log-prob at temperature 1.
+* A sequence ends at an EOS id (`stop_at_eos`) or when its generated text contains one of
+  `stop_strings`; stop strings are matched on bytes, across token boundaries, by a per-string
+  automaton advanced one token at a time on device. The ending token is kept in `tokens` and
+  counted in `lengths`; later slots hold the pad id and log-prob 0. `SampleOutput.texts` cuts
+  the text before the stop string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cai_jax.models.config import ModelConfig
+from cai_jax.models.llama import Transformer, init_cache
+from cai_jax.text import bucket_length, eos_ids, pad_batch_size, pad_id, token_bytes
+
+STOP_NONE, STOP_EOS, STOP_STRING = 0, 1, 2  # values of SampleOutput.stop_reason (0: ran to max_new_tokens)
+_BLOCK = 256  # vocabulary block size of the two-level inverse-CDF sampler
+_TOP_P_CANDIDATES = 256
+
+
+@dataclasses.dataclass
+class SampleOutput:
+    """Result of `generate`; arrays have one row per prompt, in the order given."""
+
+    tokens: jax.Array  # int32 [B, max_new_tokens], pad after a sequence stops
+    logprobs: jax.Array  # float32 [B, max_new_tokens], 0 after a sequence stops
+    lengths: jax.Array  # int32 [B], generated tokens including the EOS / stop-string token
+    stop_reason: np.ndarray  # int8 [B]: 0 max tokens, 1 EOS, 2 stop string
+    stop_strings: tuple[str, ...] = ()
+
+    def texts(self, tokenizer, trim_stop: bool = True) -> list[str]:
+        """Decoded generations (special tokens skipped), cut before the first stop string."""
+        tokens, lengths = np.asarray(self.tokens), np.asarray(self.lengths)
+        out = []
+        for row, n in zip(tokens, lengths):
+            text = tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
+            if trim_stop:
+                cuts = [text.find(s) for s in self.stop_strings if s in text]
+                text = text[: min(cuts)] if cuts else text
+            out.append(text)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    stop_at_eos: bool
+    pad_id: int
+
+
+# ---------------------------------------------------------------- stop strings
+
+
+def _kmp_dfa(pattern: bytes) -> np.ndarray:
+    """KMP automaton [m + 1, 256]: state = length of the longest pattern prefix ending here."""
+    m = len(pattern)
+    dfa = np.zeros((m + 1, 256), np.int32)
+    dfa[0, pattern[0]] = 1
+    fallback = 0
+    for state in range(1, m):
+        dfa[state] = dfa[fallback]
+        dfa[state, pattern[state]] = state + 1
+        fallback = dfa[fallback, pattern[state]]
+    dfa[m] = m  # absorbing: once seen, the stop string stays seen
+    return dfa
+
+
+@functools.lru_cache(maxsize=32)
+def _token_table(vocab_bytes: tuple[bytes, ...], pattern: bytes, vocab_size: int) -> np.ndarray:
+    """[m + 1, V]: automaton state after reading a whole token's bytes from each state."""
+    dfa = _kmp_dfa(pattern)
+    m = len(pattern)
+    width = max(1, max(len(b) for b in vocab_bytes))
+    chars = np.full((vocab_size, width), -1, np.int32)
+    for i, b in enumerate(vocab_bytes[:vocab_size]):
+        chars[i, : len(b)] = np.frombuffer(b, np.uint8)
+    table = np.empty((m + 1, vocab_size), np.int32)
+    for start in range(m + 1):
+        state = np.full(vocab_size, start, np.int32)
+        for j in range(width):
+            c = chars[:, j]
+            step = (c >= 0) & (state != m)
+            state = np.where(step, dfa[state, np.maximum(c, 0)], state)
+        table[start] = state
+    return table
+
+
+def stop_tables(tokenizer, stop_strings: Sequence[str], vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stacked automata [K, Q, V] and their accepting states [K] for `stop_strings`."""
+    if not stop_strings:
+        return np.zeros((0, 1, vocab_size), np.int32), np.zeros((0,), np.int32)
+    if tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer (lm.tokenizer is None)")
+    vocab = token_bytes(tokenizer)
+    vocab = tuple(vocab) + (b"",) * max(0, vocab_size - len(vocab))
+    patterns = [s.encode("utf-8") for s in stop_strings]
+    if not all(patterns):
+        raise ValueError(f"empty stop string in {list(stop_strings)!r}")
+    q = max(len(p) for p in patterns) + 1
+    tables = np.zeros((len(patterns), q, vocab_size), np.int32)
+    for k, p in enumerate(patterns):
+        t = _token_table(vocab, p, vocab_size)
+        tables[k, : t.shape[0]] = t
+    return tables, np.array([len(p) for p in patterns], np.int32)
+
+
+# ---------------------------------------------------------------- token choice
+
+
+def _top_p_threshold(probs_BV: jax.Array, top_p: float) -> jax.Array:
+    """Smallest probability kept by nucleus sampling, per row [B]."""
+    k = min(_TOP_P_CANDIDATES, probs_BV.shape[-1])
+    top_BK, _ = jax.lax.top_k(probs_BV, k)
+    cum_BK = jnp.cumsum(top_BK, axis=-1)
+    n_keep = jnp.minimum(jnp.sum(cum_BK < top_p, axis=-1), k - 1)
+    thresh_B = jnp.take_along_axis(top_BK, n_keep[:, None], axis=-1)[:, 0]
+
+    def bisect(_):
+        def body(_, lo_hi):
+            lo, hi = lo_hi
+            mid = 0.5 * (lo + hi)
+            mass = jnp.sum(jnp.where(probs_BV >= mid[:, None], probs_BV, 0.0), axis=-1)
+            ok = mass >= top_p
+            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+        lo, _ = jax.lax.fori_loop(0, 40, body, (jnp.zeros_like(thresh_B), top_BK[:, 0]))
+        return jnp.where(cum_BK[:, -1] >= top_p, thresh_B, lo)
+
+    return jax.lax.cond(jnp.all(cum_BK[:, -1] >= top_p), lambda _: thresh_B, bisect, None)
+
+
+def process_logits(logits_BV: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """Log-probs of the sampling distribution [B, V] (-inf outside top-k / top-p)."""
+    logits_BV = logits_BV.astype(jnp.float32) / temperature
+    if top_k and top_k < logits_BV.shape[-1]:
+        kth_B = jax.lax.top_k(logits_BV, top_k)[0][:, -1]
+        logits_BV = jnp.where(logits_BV >= kth_B[:, None], logits_BV, -jnp.inf)
+    if top_p < 1.0:
+        probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+        thresh_B = _top_p_threshold(probs_BV, top_p)
+        logits_BV = jnp.where(probs_BV >= thresh_B[:, None], logits_BV, -jnp.inf)
+    return jax.nn.log_softmax(logits_BV, axis=-1)
+
+
+def _inverse_cdf(logp_BV: jax.Array, u_B: jax.Array) -> jax.Array:
+    """Index i with CDF(i - 1) <= u < CDF(i), found block-wise; never picks a zero-prob entry."""
+    b, v = logp_BV.shape
+    nb = -(-v // _BLOCK)
+    p_BV = jnp.exp(logp_BV)
+    p_BNK = jnp.pad(p_BV, ((0, 0), (0, nb * _BLOCK - v))).reshape(b, nb, _BLOCK)
+    block_sum_BN = jnp.sum(p_BNK, axis=-1)
+    cum_BN = jnp.cumsum(block_sum_BN, axis=-1)
+    target_B = u_B * cum_BN[:, -1]
+    last_block = jnp.max(jnp.where(block_sum_BN > 0, jnp.arange(nb), 0), axis=-1)
+    blk_B = jnp.minimum(jnp.sum(cum_BN <= target_B[:, None], axis=-1), last_block)
+    before_B = jnp.take_along_axis(cum_BN - block_sum_BN, blk_B[:, None], axis=1)[:, 0]
+    inner_BK = jnp.take_along_axis(p_BNK, blk_B[:, None, None], axis=1)[:, 0]
+    inner_cum_BK = jnp.cumsum(inner_BK, axis=-1) + before_B[:, None]
+    last_in = jnp.max(jnp.where(inner_BK > 0, jnp.arange(_BLOCK), 0), axis=-1)
+    first_in = jnp.argmax(inner_BK > 0, axis=-1)
+    j_B = jnp.clip(jnp.sum(inner_cum_BK <= target_B[:, None], axis=-1), first_in, last_in)
+    return (blk_B * _BLOCK + j_B).astype(jnp.int32)
+
+
+def _choose(logits_BV, keys_B, step, s: _Settings):
+    """Next token [B] and its log-prob [B]."""
+    if s.temperature == 0.0:
+        logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+        tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    else:
+        logp_BV = process_logits(logits_BV, s.temperature, s.top_k, s.top_p)
+        u_B = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(keys_B)
+        tok_B = _inverse_cdf(logp_BV, u_B)
+    return tok_B, jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "s"))
+def _sample(params, tokens_BP, mask_BP, row_ids_B, rng, stop_table_KQV, stop_final_K, eos_E, *, cfg, s):
+    model = Transformer(cfg)
+    b, p = tokens_BP.shape
+    n = s.max_new_tokens
+    cache = init_cache(cfg, b, p + n)
+    kv_mask_BS = jnp.zeros((b, p + n), bool).at[:, :p].set(mask_BP)
+    n_real_B = jnp.sum(mask_BP, axis=1).astype(jnp.int32)
+    positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0).astype(jnp.int32)
+    logits_BPV, cache = model.apply({"params": params}, tokens_BP, positions_BP, cache, 0, kv_mask_BS, method="decode")
+    keys_B = jax.vmap(lambda i: jax.random.fold_in(rng, i))(row_ids_B)
+    num_stop = stop_final_K.shape[0]
+
+    def record(state, logits_BV, i):
+        tok_B, logp_B = _choose(logits_BV, keys_B, i, s)
+        live_B = ~state["done"]
+        tok_B = jnp.where(live_B, tok_B, s.pad_id)
+        ended_eos = (
+            jnp.any(tok_B[:, None] == eos_E[None, :], axis=-1) & live_B if s.stop_at_eos else jnp.zeros_like(live_B)
+        )
+        stop_BK = state["stop"]
+        ended_stop = jnp.zeros_like(live_B)
+        if num_stop:
+            stop_BK = stop_table_KQV[jnp.arange(num_stop)[None, :], stop_BK, tok_B[:, None]]
+            ended_stop = jnp.any(stop_BK == stop_final_K[None, :], axis=-1) & live_B
+        reason = jnp.where(ended_eos, STOP_EOS, jnp.where(ended_stop, STOP_STRING, state["reason"]))
+        return dict(
+            state,
+            tokens=state["tokens"].at[:, i].set(tok_B),
+            logprobs=state["logprobs"].at[:, i].set(jnp.where(live_B, logp_B, 0.0)),
+            lengths=state["lengths"] + live_B.astype(jnp.int32),
+            done=state["done"] | ended_eos | ended_stop,
+            reason=reason.astype(jnp.int8),
+            stop=stop_BK,
+            last=tok_B,
+            i=i + 1,
+        )
+
+    state = dict(
+        cache=cache,
+        kv_mask=kv_mask_BS,
+        tokens=jnp.full((b, n), s.pad_id, jnp.int32),
+        logprobs=jnp.zeros((b, n), jnp.float32),
+        lengths=jnp.zeros((b,), jnp.int32),
+        done=jnp.zeros((b,), bool),
+        reason=jnp.zeros((b,), jnp.int8),
+        stop=jnp.zeros((b, num_stop), jnp.int32),
+        last=jnp.zeros((b,), jnp.int32),
+        i=jnp.int32(0),
+    )
+    state = record(state, logits_BPV[:, -1], jnp.int32(0))
+
+    def cond(state):
+        return (state["i"] < n) & ~jnp.all(state["done"])
+
+    def body(state):
+        i = state["i"]
+        slot = p + i - 1  # the previous token's cache slot
+        kv_mask = state["kv_mask"].at[:, slot].set(True)
+        pos_B1 = (n_real_B + i - 1)[:, None]
+        logits_B1V, cache = model.apply(
+            {"params": params}, state["last"][:, None], pos_B1, state["cache"], slot, kv_mask, method="decode"
+        )
+        return record(dict(state, cache=cache, kv_mask=kv_mask), logits_B1V[:, 0], i)
+
+    state = jax.lax.while_loop(cond, body, state)
+    return state["tokens"], state["logprobs"], state["lengths"], state["reason"]
+
+
+def _validate(prompt_ids, cfg: ModelConfig, max_new_tokens: int, truncate: bool) -> list[list[int]]:
+    if prompt_ids is None or len(prompt_ids) == 0:
+        raise ValueError("generate: prompt_ids is empty (expected a list of token-id lists)")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
+    limit = cfg.max_position_embeddings - max_new_tokens
+    if limit < 1:
+        raise ValueError(
+            f"generate: max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+            f"context of {cfg.max_position_embeddings} tokens"
+        )
+    out = []
+    for i, ids in enumerate(prompt_ids):
+        ids = [int(t) for t in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        if not ids:
+            raise ValueError(f"generate: prompt {i} is empty")
+        if any(t < 0 or t >= cfg.vocab_size for t in ids):
+            raise ValueError(f"generate: prompt {i} holds token ids outside [0, {cfg.vocab_size})")
+        if len(ids) > limit:
+            if not truncate:
+                raise ValueError(
+                    f"generate: prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                    f"the model's context of {cfg.max_position_embeddings} (pass truncate=True to keep the last "
+                    f"{limit} prompt tokens)"
+                )
+            ids = ids[-limit:]
+        out.append(ids)
+    return out
+
+
+def generate(
+    lm: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    rng: jax.Array,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop_at_eos: bool = True,
+    stop_strings: Sequence[str] = (),
+    eos_token_ids: Sequence[int] | None = None,
+    params: Any = None,
+    batch_size: int | None = None,
+    truncate: bool = False,
+    min_bucket: int = 16,
+) -> SampleOutput:
+    """Samples continuations of token-id prompts with a KV cache (see the module docstring).
+
+    Args:
+      lm: a `LoadedModel` (anything with .config, .params and .tokenizer).
+      prompt_ids: B token-id lists of any lengths.
+      rng: a jax PRNG key; same key -> same samples.
+      max_new_tokens: N, the number of decode steps at most.
+      temperature: 0 for greedy decoding.
+      top_p: nucleus mass in (0, 1]; 1 disables.
+      top_k: keep the k most likely tokens; 0 disables.
+      stop_at_eos: end a row at any of `eos_token_ids` (default: the tokenizer's end-of-turn ids).
+      stop_strings: end a row once its generated text contains one of these.
+      params: parameters to use instead of `lm.params` (e.g. a policy being trained).
+      batch_size: rows per device call (default: all of them); results do not depend on it.
+      truncate: drop the oldest prompt tokens of a too-long prompt instead of raising.
+      min_bucket: smallest padded prompt length.
+
+    Returns:
+      SampleOutput with tokens [B, N], logprobs [B, N], lengths [B], stop_reason [B].
+    """
+    cfg: ModelConfig = lm.config
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"generate: top_p={top_p} must be in (0, 1]")
+    if temperature < 0 or top_k < 0:
+        raise ValueError(f"generate: temperature={temperature} and top_k={top_k} must be >= 0")
+    prompts = _validate(prompt_ids, cfg, max_new_tokens, truncate)
+    tokenizer = getattr(lm, "tokenizer", None)
+    if eos_token_ids is None:
+        eos_token_ids = eos_ids(tokenizer, cfg) if tokenizer is not None else cfg.eos_token_ids
+    if stop_at_eos and not eos_token_ids:
+        raise ValueError("generate: stop_at_eos=True but no EOS id is known; pass eos_token_ids")
+    pad = pad_id(tokenizer) if tokenizer is not None else (cfg.pad_token_id or 0)
+    settings = _Settings(max_new_tokens, float(temperature), float(top_p), int(top_k), bool(stop_at_eos), int(pad))
+    stop_table, stop_final = stop_tables(tokenizer, tuple(stop_strings), cfg.vocab_size)
+    eos_arr = jnp.asarray(np.array(list(eos_token_ids) or [-1], np.int32))
+    params = lm.params if params is None else params
+    chunk = batch_size or len(prompts)
+    results = []
+    for start in range(0, len(prompts), chunk):
+        rows = prompts[start : start + chunk]
+        b = pad_batch_size(len(rows))
+        p = min(bucket_length(max(map(len, rows)), min_bucket), cfg.max_position_embeddings - max_new_tokens)
+        tokens = np.full((b, p), pad, np.int32)
+        mask = np.zeros((b, p), bool)
+        for r, ids in enumerate(rows):
+            tokens[r, p - len(ids) :] = ids
+            mask[r, p - len(ids) :] = True
+        mask[len(rows) :, -1] = True  # filler rows: one real token keeps them well defined
+        row_ids = np.arange(start, start + b, dtype=np.int32)
+        out = _sample(params, tokens, mask, row_ids, rng, stop_table, stop_final, eos_arr, cfg=cfg, s=settings)
+        results.append([x[: len(rows)] for x in out])
+    tokens, logprobs, lengths, reason = (jnp.concatenate(xs) if len(results) > 1 else xs[0] for xs in zip(*results))
+    return SampleOutput(tokens, logprobs, lengths, np.asarray(reason), tuple(stop_strings))

@@ -1,0 +1,123 @@
+"""Padding token sequences into static-shape batches, and bucket sizes that bound recompiles."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, length: int | None, multiple_of: int, left: bool):
+    """Shared body of left_pad/right_pad."""
+    if len(seqs) == 0:
+        raise ValueError("cannot pad an empty list of sequences")
+    if multiple_of < 1:
+        raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
+    arrays = []
+    for i, seq in enumerate(seqs):
+        arr = np.asarray(seq, dtype=np.int64)
+        if arr.ndim != 1:
+            raise ValueError(f"sequence {i}: expected a flat list of token ids, got shape {arr.shape}")
+        if arr.size == 0:
+            raise ValueError(f"sequence {i} is empty")
+        arrays.append(arr)
+    longest = max(a.size for a in arrays)
+    if length is None:
+        length = longest
+    elif longest > length:
+        i = next(i for i, a in enumerate(arrays) if a.size > length)
+        raise ValueError(f"sequence {i} has {arrays[i].size} tokens, more than length={length}")
+    length = -(-length // multiple_of) * multiple_of
+    tokens_BL = np.full((len(arrays), length), pad_id, dtype=np.int32)
+    mask_BL = np.zeros((len(arrays), length), dtype=np.bool_)
+    for b, arr in enumerate(arrays):
+        cols = slice(length - arr.size, length) if left else slice(0, arr.size)
+        tokens_BL[b, cols] = arr
+        mask_BL[b, cols] = True
+    return tokens_BL, mask_BL
+
+
+def left_pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, length: int | None = None, multiple_of: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads sequences into one batch, so every prompt ends at the last column (for sampling).
+
+    Args:
+      seqs: B non-empty sequences of token ids.
+      pad_id: id written into padded positions.
+      length: target length L; defaults to the longest sequence.
+      multiple_of: round L up to a multiple of this.
+
+    Returns:
+      tokens_BL: int32 [B, L] token ids.
+      mask_BL: bool [B, L], True on real tokens.
+
+    Raises:
+      ValueError: on an empty list, an empty sequence, or a sequence longer than `length`.
+    """
+    return _pad(seqs, pad_id, length, multiple_of, left=True)
+
+
+def right_pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, length: int | None = None, multiple_of: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pads sequences into one batch, so every sequence starts at column 0 (for training).
+
+    Args:
+      seqs: B non-empty sequences of token ids.
+      pad_id: id written into padded positions.
+      length: target length L; defaults to the longest sequence.
+      multiple_of: round L up to a multiple of this.
+
+    Returns:
+      tokens_BL: int32 [B, L] token ids.
+      mask_BL: bool [B, L], True on real tokens.
+
+    Raises:
+      ValueError: on an empty list, an empty sequence, or a sequence longer than `length`.
+    """
+    return _pad(seqs, pad_id, length, multiple_of, left=False)
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+# Past this length doubling would waste up to half of a long (expensive) batch, so buckets grow
+# linearly in steps of _LINEAR_STEP instead: at most _LINEAR_STEP - 1 padded positions per sequence.
+_LINEAR_FROM = 1024
+_LINEAR_STEP = 512
+
+
+def bucket_length(n: int, min_bucket: int = 16) -> int:
+    """A padded length for n tokens from a small set of sizes, so jitted functions rarely recompile.
+
+    Up to 1024: the next power of two >= n, at least `min_bucket` (16, 32, ..., 1024). Past 1024:
+    the next multiple of 512 (1536, 2048, 2560, ...), which bounds padding to 511 positions.
+
+    Args:
+      n: the number of tokens (>= 0).
+      min_bucket: the smallest bucket returned.
+
+    Returns:
+      The bucket length, >= max(n, min_bucket).
+    """
+    if n < 0:
+        raise ValueError(f"length must be >= 0, got {n}")
+    if n > _LINEAR_FROM:
+        return max(-(-n // _LINEAR_STEP) * _LINEAR_STEP, min_bucket)
+    return max(_next_power_of_two(n), min_bucket)
+
+
+def pad_batch_size(b: int) -> int:
+    """The next power of two >= b, so a sampler sees few distinct batch sizes.
+
+    Args:
+      b: the batch size (>= 1).
+
+    Returns:
+      The padded batch size.
+    """
+    if b < 1:
+        raise ValueError(f"batch size must be >= 1, got {b}")
+    return _next_power_of_two(b)

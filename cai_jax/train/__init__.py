@@ -1,0 +1,1 @@
+"""Training: train state and optimizer, one step function per objective, and the loops."""
