@@ -8,6 +8,8 @@ Design choices (written down because callers rely on them):
 * Prompts are left-padded to a bucketed length and the batch to a power of two, so a new batch
   rarely recompiles; the padding never changes a row's output (pads are masked, positions count
   real tokens only).
+* Identical prompts in one call (several samples per prompt, as the feedback and PPO stages
+  ask for) are prefilled once and their KV caches copied to every row that uses them.
 * Randomness is per row: row i at step t draws from `fold_in(fold_in(rng, i), t)`, so a prompt's
   samples depend only on the key and its index in `prompt_ids`, not on batch size or bucketing.
 * Sampling uses the inverse CDF over two levels (blocks of 256 vocabulary entries, then within
@@ -207,15 +209,24 @@ def _choose(logits_BV, keys_B, step, s: _Settings):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "s"))
-def _sample(params, tokens_BP, mask_BP, row_ids_B, rng, stop_table_KQV, stop_final_K, eos_E, *, cfg, s):
+def _sample(params, tokens_UP, mask_UP, src_B, row_ids_B, rng, stop_table_KQV, stop_final_K, eos_E, *, cfg, s):
+    """Prefill the U distinct prompts once, copy their caches to the B rows (src_B), then decode."""
     model = Transformer(cfg)
-    b, p = tokens_BP.shape
+    u, p = tokens_UP.shape
+    b = src_B.shape[0]
     n = s.max_new_tokens
-    cache = init_cache(cfg, b, p + n)
-    kv_mask_BS = jnp.zeros((b, p + n), bool).at[:, :p].set(mask_BP)
+    kv_mask_US = jnp.zeros((u, p + n), bool).at[:, :p].set(mask_UP)
+    positions_UP = jnp.maximum(jnp.cumsum(mask_UP, axis=1) - 1, 0).astype(jnp.int32)
+    logits_U1V, cache = model.apply(
+        {"params": params}, tokens_UP, positions_UP, init_cache(cfg, u, p + n), 0, kv_mask_US, None, True,
+        method="decode",
+    )  # fmt: skip
+    rows = lambda x: jnp.take(x, src_B, axis=0)  # noqa: E731
+    cache = jax.tree.map(rows, cache)
+    logits_B1V, kv_mask_BS, mask_BP, positions_BP = map(rows, (logits_U1V, kv_mask_US, mask_UP, positions_UP))
     n_real_B = jnp.sum(mask_BP, axis=1).astype(jnp.int32)
-    positions_BP = jnp.maximum(jnp.cumsum(mask_BP, axis=1) - 1, 0).astype(jnp.int32)
-    logits_BPV, cache = model.apply({"params": params}, tokens_BP, positions_BP, cache, 0, kv_mask_BS, method="decode")
+    # Position of every cache slot (read only by sliding-window attention).
+    kv_positions_BS = jnp.concatenate([positions_BP, n_real_B[:, None] + jnp.arange(n, dtype=jnp.int32)], axis=1)
     keys_B = jax.vmap(lambda i: jax.random.fold_in(rng, i))(row_ids_B)
     num_stop = stop_final_K.shape[0]
 
@@ -256,7 +267,7 @@ def _sample(params, tokens_BP, mask_BP, row_ids_B, rng, stop_table_KQV, stop_fin
         last=jnp.zeros((b,), jnp.int32),
         i=jnp.int32(0),
     )
-    state = record(state, logits_BPV[:, -1], jnp.int32(0))
+    state = record(state, logits_B1V[:, 0], jnp.int32(0))
 
     def cond(state):
         return (state["i"] < n) & ~jnp.all(state["done"])
@@ -267,7 +278,14 @@ def _sample(params, tokens_BP, mask_BP, row_ids_B, rng, stop_table_KQV, stop_fin
         kv_mask = state["kv_mask"].at[:, slot].set(True)
         pos_B1 = (n_real_B + i - 1)[:, None]
         logits_B1V, cache = model.apply(
-            {"params": params}, state["last"][:, None], pos_B1, state["cache"], slot, kv_mask, method="decode"
+            {"params": params},
+            state["last"][:, None],
+            pos_B1,
+            state["cache"],
+            slot,
+            kv_mask,
+            kv_positions_BS,
+            method="decode",
         )
         return record(dict(state, cache=cache, kv_mask=kv_mask), logits_B1V[:, 0], i)
 
@@ -362,16 +380,21 @@ def generate(
     results = []
     for start in range(0, len(prompts), chunk):
         rows = prompts[start : start + chunk]
+        # Identical prompts (several samples per prompt) are prefilled once.
+        distinct: dict[tuple[int, ...], int] = {}
+        src = np.array([distinct.setdefault(tuple(ids), len(distinct)) for ids in rows], np.int32)
         b = pad_batch_size(len(rows))
+        src = np.concatenate([src, np.zeros(b - len(rows), np.int32)])  # filler rows copy row 0
+        u = pad_batch_size(len(distinct))
         p = min(bucket_length(max(map(len, rows)), min_bucket), cfg.max_position_embeddings - max_new_tokens)
-        tokens = np.full((b, p), pad, np.int32)
-        mask = np.zeros((b, p), bool)
-        for r, ids in enumerate(rows):
+        tokens = np.full((u, p), pad, np.int32)
+        mask = np.zeros((u, p), bool)
+        for r, ids in enumerate(distinct):
             tokens[r, p - len(ids) :] = ids
             mask[r, p - len(ids) :] = True
-        mask[len(rows) :, -1] = True  # filler rows: one real token keeps them well defined
+        mask[len(distinct) :, -1] = True  # filler prompts: one real token keeps them well defined
         row_ids = np.arange(start, start + b, dtype=np.int32)
-        out = _sample(params, tokens, mask, row_ids, rng, stop_table, stop_final, eos_arr, cfg=cfg, s=settings)
+        out = _sample(params, tokens, mask, src, row_ids, rng, stop_table, stop_final, eos_arr, cfg=cfg, s=settings)
         results.append([x[: len(rows)] for x in out])
     tokens, logprobs, lengths, reason = (jnp.concatenate(xs) if len(results) > 1 else xs[0] for xs in zip(*results))
     return SampleOutput(tokens, logprobs, lengths, np.asarray(reason), tuple(stop_strings))

@@ -101,6 +101,27 @@ def test_left_padding_and_batching_do_not_change_a_row(tiny):
     np.testing.assert_array_equal(batched.tokens, chunked.tokens)
 
 
+def test_identical_prompts_share_a_prefill_but_sample_independently(tiny):
+    kw = dict(rng=jax.random.key(4), max_new_tokens=10, temperature=1.0, stop_at_eos=False)
+    shared = generate(tiny, [PROMPTS[0], PROMPTS[0], PROMPTS[1]], **kw)  # rows 0 and 1 prefilled once
+    separate = generate(tiny, [PROMPTS[2], PROMPTS[0], PROMPTS[1]], **kw)  # row 1 prefilled on its own
+    np.testing.assert_array_equal(shared.tokens[1:], separate.tokens[1:])
+    np.testing.assert_allclose(shared.logprobs[1:], separate.logprobs[1:], atol=LOGP_TOL)
+    assert not np.array_equal(np.asarray(shared.tokens[0]), np.asarray(shared.tokens[1]))
+
+
+def test_bf16_matmuls_track_fp32():
+    # bf16 matmul inputs (float32 accumulation and activations): greedy text may drift after a
+    # while, but the first tokens' log-probs stay close to the fp32 model's.
+    lm = _tiny()
+    lm16 = FakeLM(
+        Transformer(lm.config.replace(dtype="bfloat16")), lm.params, None, lm.config.replace(dtype="bfloat16")
+    )
+    a = generate(lm, PROMPTS, rng=jax.random.key(0), max_new_tokens=1, temperature=0.0, stop_at_eos=False)
+    b = generate(lm16, PROMPTS, rng=jax.random.key(0), max_new_tokens=1, temperature=0.0, stop_at_eos=False)
+    np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=0.05)
+
+
 def test_same_key_same_samples_other_key_differs(tiny):
     kw = dict(max_new_tokens=16, temperature=1.0, stop_at_eos=False)
     a = generate(tiny, PROMPTS, rng=jax.random.key(7), **kw)

@@ -229,9 +229,21 @@ def test_pad_errors(pad):
 
 
 def test_bucket_length():
-    assert [bucket_length(n) for n in (0, 1, 16, 17, 100, 512, 1024)] == [16, 16, 16, 32, 128, 512, 1024]
-    assert [bucket_length(n) for n in (1025, 1536, 1537, 4000)] == [1536, 1536, 2048, 4096]
-    assert bucket_length(3, min_bucket=1) == 4
+    assert [bucket_length(n) for n in (0, 1, 16, 17, 42, 100, 512, 513, 1024)] == [
+        16,
+        16,
+        16,
+        20,
+        48,
+        112,
+        512,
+        640,
+        1024,
+    ]
+    assert [bucket_length(n) for n in (1025, 1500, 1537, 4000)] == [1280, 1536, 1792, 4096]
+    assert bucket_length(3, min_bucket=1) == 3
+    # Never more than a quarter of padding past the minimum bucket.
+    assert all(bucket_length(n) < 1.25 * n + 1 for n in range(17, 5000))
     assert bucket_length(5, min_bucket=64) == 64
     with pytest.raises(ValueError):
         bucket_length(-1)

@@ -61,8 +61,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
-    dtype: str = "float32"  # compute dtype of activations and matmuls
+    dtype: str = "float32"  # dtype of matmul inputs (accumulation and matmul outputs are float32)
     param_dtype: str = "float32"  # storage dtype of parameters
+    activation_dtype: str = "float32"  # residual stream, attention, KV cache (bfloat16 saves memory)
     remat: str = "none"  # none | full | dots (checkpoint policy per decoder block)
 
     def __post_init__(self):
@@ -70,7 +71,7 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
-        for field in ("dtype", "param_dtype"):
+        for field in ("dtype", "param_dtype", "activation_dtype"):
             if getattr(self, field) not in _DTYPES:
                 raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}; expected one of {sorted(_DTYPES)}")
         if self.remat not in ("none", "full", "dots"):
@@ -88,6 +89,10 @@ class ModelConfig:
     @property
     def jnp_param_dtype(self):
         return _DTYPES[self.param_dtype]
+
+    @property
+    def jnp_activation_dtype(self):
+        return _DTYPES[self.activation_dtype]
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

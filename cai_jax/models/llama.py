@@ -15,6 +15,7 @@ K kv heads, G = H // K, D head dim, M mlp hidden, V vocab.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -25,8 +26,14 @@ import numpy as np
 
 from cai_jax.models.config import ModelConfig
 
-Cache = list  # one {"k": [B, K, S, D], "v": [B, K, S, D]} dict per layer
+Cache = list  # one {"k": [B, K, D, S], "v": [B, K, S, D]} dict per layer
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite, so fully masked rows give no NaN
+
+
+# Matmuls take inputs in cfg.dtype and accumulate and return float32 (bf16 x bf16 -> f32 is the
+# fast path on CPUs with AVX512-BF16 and on accelerators); the result is then cast to the
+# activation dtype.
+_dot_f32 = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
 
 
 def _init(std: float, names: tuple[str, ...]):
@@ -86,7 +93,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x_BTE, positions_BT, mask_BTS, cache=None, cache_index=None):
         cfg = self.cfg
-        dt, pdt = cfg.jnp_dtype, cfg.jnp_param_dtype
+        dt, pdt, act = cfg.jnp_dtype, cfg.jnp_param_dtype, cfg.jnp_activation_dtype
         h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         std = 0.02
 
@@ -98,8 +105,9 @@ class Attention(nn.Module):
                 param_dtype=pdt,
                 kernel_init=_init(std, ("embed",) + axes),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes),
+                dot_general=_dot_f32,
                 name=name,
-            )(x_BTE)
+            )(x_BTE).astype(act)
 
         q_BTHD = proj("q_proj", h, ("q_heads", "head_dim"))
         k_BTKD = proj("k_proj", k, ("kv_heads", "head_dim"))
@@ -108,29 +116,29 @@ class Attention(nn.Module):
         q_BTHD = apply_rope(q_BTHD, positions_BT, inv_freq)
         k_BTKD = apply_rope(k_BTKD, positions_BT, inv_freq)
 
-        # Keys/values live as [B, K, S, D] so both attention matmuls batch over (B, K) without
-        # transposing the whole cache every step.
-        k_BKTD = k_BTKD.transpose(0, 2, 1, 3)
+        # Keys are kept as [B, K, D, S] and values as [B, K, S, D]: both attention matmuls are
+        # then plain (non-transposed) batched matmuls over (B, K). On CPU the transposed-operand
+        # form reads the cache ~5x slower, and decode time is dominated by reading the cache.
+        k_BKDT = k_BTKD.transpose(0, 2, 3, 1)
         v_BKTD = v_BTKD.transpose(0, 2, 1, 3)
         new_cache = None
         if cache is not None:
-            idx = (0, 0, cache_index, 0)
-            k_BKSD = jax.lax.dynamic_update_slice(cache["k"], k_BKTD.astype(cache["k"].dtype), idx)
-            v_BKSD = jax.lax.dynamic_update_slice(cache["v"], v_BKTD.astype(cache["v"].dtype), idx)
-            new_cache = {"k": k_BKSD, "v": v_BKSD}
+            k_BKDS = jax.lax.dynamic_update_slice(cache["k"], k_BKDT.astype(cache["k"].dtype), (0, 0, 0, cache_index))
+            v_BKSD = jax.lax.dynamic_update_slice(cache["v"], v_BKTD.astype(cache["v"].dtype), (0, 0, cache_index, 0))
+            new_cache = {"k": k_BKDS, "v": v_BKSD}
         else:
-            k_BKSD, v_BKSD = k_BKTD, v_BKTD
+            k_BKDS, v_BKSD = k_BKDT, v_BKTD
 
         b, t = q_BTHD.shape[:2]
         g = h // k
         # (G, T) merged into one axis M: a plain batched matmul over (B, K), no layout copies.
         q_BKMD = q_BTHD.reshape(b, t, k, g, d).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, d)
-        q_BKMD = q_BKMD * jnp.asarray(d**-0.5, dt)
-        scores_BKMS = jnp.einsum("bkmd,bksd->bkms", q_BKMD, k_BKSD.astype(dt), preferred_element_type=jnp.float32)
+        q_BKMD = q_BKMD * jnp.asarray(d**-0.5, act)
+        scores_BKMS = jnp.einsum("bkmd,bkds->bkms", q_BKMD, k_BKDS.astype(act), preferred_element_type=jnp.float32)
         scores_BKGTS = scores_BKMS.reshape(b, k, g, t, -1)
         scores_BKGTS = jnp.where(mask_BTS[:, None, None, :, :], scores_BKGTS, _MASK_VALUE)
-        probs_BKMS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dt).reshape(b, k, g * t, -1)
-        out_BKMD = jnp.einsum("bkms,bksd->bkmd", probs_BKMS, v_BKSD.astype(dt))
+        probs_BKMS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(act).reshape(b, k, g * t, -1)
+        out_BKMD = jnp.einsum("bkms,bksd->bkmd", probs_BKMS, v_BKSD.astype(act))
         out_BTKGD = out_BKMD.reshape(b, k, g, t, d).transpose(0, 3, 1, 2, 4)
         out_BTHD = out_BTKGD.reshape(b, t, h, d)
         out_BTE = nn.DenseGeneral(
@@ -140,8 +148,9 @@ class Attention(nn.Module):
             dtype=dt,
             param_dtype=pdt,
             kernel_init=_init(std, ("q_heads", "head_dim", "embed")),
+            dot_general=_dot_f32,
             name="o_proj",
-        )(out_BTHD)
+        )(out_BTHD).astype(act)
         return out_BTE, new_cache
 
 
@@ -153,12 +162,13 @@ class MLP(nn.Module):
         cfg = self.cfg
         dense = lambda n, name, axes: nn.Dense(  # noqa: E731
             n, use_bias=False, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-            kernel_init=_init(0.02, axes), name=name,
+            kernel_init=_init(0.02, axes), dot_general=_dot_f32, name=name,
         )  # fmt: skip
-        gate = dense(cfg.intermediate_size, "gate_proj", ("embed", "mlp"))(x_BTE)
-        up = dense(cfg.intermediate_size, "up_proj", ("embed", "mlp"))(x_BTE)
+        act = cfg.jnp_activation_dtype
+        gate = dense(cfg.intermediate_size, "gate_proj", ("embed", "mlp"))(x_BTE).astype(act)
+        up = dense(cfg.intermediate_size, "up_proj", ("embed", "mlp"))(x_BTE).astype(act)
         hidden_BTM = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return dense(cfg.hidden_size, "down_proj", ("mlp", "embed"))(hidden_BTM)
+        return dense(cfg.hidden_size, "down_proj", ("mlp", "embed"))(hidden_BTM).astype(act)
 
 
 class Block(nn.Module):
@@ -167,7 +177,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BTE, positions_BT, mask_BTS, cache=None, cache_index=None):
         cfg = self.cfg
-        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name=name)  # noqa: E731
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.jnp_activation_dtype, cfg.jnp_param_dtype, name=name)  # noqa: E731
         attn_out, new_cache = Attention(cfg, name="self_attn")(
             norm("input_layernorm")(x_BTE), positions_BT, mask_BTS, cache, cache_index
         )
@@ -224,7 +234,7 @@ class Transformer(nn.Module):
         if cfg.remat != "none":
             block = nn.remat(Block, policy=_remat_policy(cfg.remat), prevent_cse=True)
         self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
-        self.norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
+        self.norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_activation_dtype, cfg.jnp_param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Dense(
                 cfg.vocab_size,
@@ -232,12 +242,14 @@ class Transformer(nn.Module):
                 dtype=cfg.jnp_dtype,
                 param_dtype=cfg.jnp_param_dtype,
                 kernel_init=_init(0.02, ("embed", "vocab")),
+                dot_general=_dot_f32,
             )
 
     def logits(self, h_BTE: jax.Array) -> jax.Array:
         """Final hidden states [B, T, E] -> float32 logits [B, T, V]."""
         if self.cfg.tie_word_embeddings:
             emb_VE = jnp.asarray(self.embed_tokens.embedding, self.cfg.jnp_dtype)
+            h_BTE = h_BTE.astype(self.cfg.jnp_dtype)
             logits = jnp.einsum("bte,ve->btv", h_BTE, emb_VE, preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(h_BTE)
@@ -274,7 +286,7 @@ class Transformer(nn.Module):
         if mask_BL is not None:
             mask_BLL = mask_BLL & mask_BL.astype(bool)[:, None, :]
         mask_BLL = _window(mask_BLL, positions_BL, positions_BL, self.cfg.sliding_window)
-        x = self.embed_tokens(tokens_BL)
+        x = self.embed_tokens(tokens_BL).astype(self.cfg.jnp_activation_dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         for layer in self.layers:
             x, _ = layer(x, positions_BL, mask_BLL)
@@ -289,16 +301,18 @@ class Transformer(nn.Module):
         cache_index: jax.Array,
         kv_mask_BS: jax.Array,
         kv_positions_BS: jax.Array | None = None,
+        last_only: bool = False,
     ) -> tuple[jax.Array, Cache]:
         """Forward T new tokens against a KV cache.
 
         Args:
           tokens_BT: new token ids, written to cache slots [cache_index, cache_index + T).
           positions_BT: their RoPE positions.
-          cache: per-layer {"k", "v"} arrays [B, K, S, D] (see `init_cache`).
+          cache: per-layer {"k": [B, K, D, S], "v": [B, K, S, D]} (see `init_cache`).
           cache_index: int scalar, first slot to write.
           kv_mask_BS: which cache slots hold real tokens, *including* the T being written.
           kv_positions_BS: positions of the cache slots (only needed for sliding windows).
+          last_only: compute logits for the last of the T tokens only (prefill), [B, 1, V].
 
         Returns:
           (float32 logits [B, T, V], updated cache).
@@ -310,19 +324,24 @@ class Transformer(nn.Module):
         mask_BTS = causal_TS[None] & kv_mask_BS.astype(bool)[:, None, :]
         if self.cfg.sliding_window is not None:
             mask_BTS = _window(mask_BTS, positions_BT, kv_positions_BS, self.cfg.sliding_window)
-        x = self.embed_tokens(tokens_BT)
+        x = self.embed_tokens(tokens_BT).astype(self.cfg.jnp_activation_dtype)
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache):
             x, c = layer(x, positions_BT, mask_BTS, layer_cache, cache_index)
             new_cache.append(c)
+        if last_only:
+            x = x[:, -1:]
         return self.logits(self.norm(x)), new_cache
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
-    """Zeroed KV cache: per layer {"k", "v"} of shape [batch, kv_heads, length, head_dim]."""
-    dtype = dtype or cfg.jnp_dtype
-    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
+    """Zeroed KV cache: per layer {"k": [B, K, D, S], "v": [B, K, S, D]} (see Attention)."""
+    dtype = dtype or cfg.jnp_activation_dtype
+    b, k, d = batch, cfg.num_kv_heads, cfg.head_dim
+    return [
+        {"k": jnp.zeros((b, k, d, length), dtype), "v": jnp.zeros((b, k, length, d), dtype)}
+        for _ in range(cfg.num_layers)
+    ]
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:

