@@ -24,11 +24,13 @@ setup(
         "tqdm>=4.66",
         "huggingface_hub>=1.0",
         "jinja2>=3.1",
+        "pyyaml>=6",
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.17,<0.18"],
         # Exact pin on purpose: any looser spec resolves to a multi-GB CUDA build of torch.
-        "bench": ["torch==2.13.0"],
+        # accelerate: transformers' own GGUF loader (the reference in scripts/make_goldens.py).
+        "bench": ["torch==2.13.0", "accelerate"],
         "gpu": ["jax[cuda12]>=0.10"],
     },
 )

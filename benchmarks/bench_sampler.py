@@ -1,10 +1,13 @@
 """Sampler throughput: cai_jax.sampling.generate vs transformers' PyTorch `generate`, same weights.
 
     pip install -e .[bench]        # torch==2.13.0 (CPU)
-    python benchmarks/bench_sampler.py --batch-sizes 1 16 64 --new-tokens 64
+    python benchmarks/bench_sampler.py --prompts same        # B copies of one prompt
+    python benchmarks/bench_sampler.py --prompts distinct    # B different prompts
 
-Both sides load the same fp32 weights (the embedded SmolLM2-135M-Instruct, converted once from
-its GGUF into an HF-format folder), sample with temperature 1 and no top-k/top-p, never stop
+Both sides load the same weights (the embedded SmolLM2-135M-Instruct, converted once from its
+GGUF into an HF-format folder), in fp32 and in bf16 (ours: bf16 parameters and matmul inputs with
+fp32 accumulation and activations; torch: the model cast to bfloat16), sample with temperature 1
+and no top-k/top-p, never stop
 early (64 new tokens for every row), and are timed after a warm-up call, so compile time and
 one-off allocations are excluded. Tokens/s = batch * new tokens / wall seconds of one call, best
 of --repeats. On a GPU the script also reports our decode-step time and the fraction of the
@@ -61,9 +64,20 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
-def bench_ours(lm, ids, batch, new_tokens, repeats, dtype_note):
+def make_prompts(tokenizer, batch: int, mode: str) -> list[list[int]]:
+    """`same`: the red-team prompt B times. `distinct`: B different prompts of similar length."""
+    texts = [PROMPT] * batch if mode == "same" else [f"{PROMPT} (Question {i + 1} of {batch}.)" for i in range(batch)]
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for t in texts
+    ]
+
+
+def bench_ours(lm, prompts, new_tokens, repeats, dtype):
     def run(seed):
-        out = generate(lm, [ids] * batch, rng=jax.random.key(seed), max_new_tokens=new_tokens, stop_at_eos=False)
+        out = generate(lm, prompts, rng=jax.random.key(seed), max_new_tokens=new_tokens, stop_at_eos=False)
         out.tokens.block_until_ready()
         assert int(np.min(np.asarray(out.lengths))) == new_tokens
         return out
@@ -71,22 +85,25 @@ def bench_ours(lm, ids, batch, new_tokens, repeats, dtype_note):
     run(0)  # compile + warm-up
     counter = iter(range(1, 1000))
     secs = _best(lambda: run(next(counter)), repeats)
+    note = "fp32" if dtype == "float32" else "bf16 matmuls, fp32 activations"
     return {
-        "impl": f"cai_jax ({dtype_note})",
-        "batch": batch,
+        "impl": f"cai_jax ({note})",
+        "dtype": dtype,
         "seconds": secs,
-        "tokens_per_s": batch * new_tokens / secs,
+        "tokens_per_s": len(prompts) * new_tokens / secs,
     }
 
 
-def bench_torch(folder, ids, batch, new_tokens, repeats):
+def bench_torch(folder, prompts, new_tokens, repeats, dtype):
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    input_ids = torch.tensor([ids] * batch)
-    attn = torch.ones_like(input_ids)
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=tdtype).eval()
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[2] * (width - len(p)) + p for p in prompts])  # left padding
+    attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
 
     def run():
         with torch.inference_mode():
@@ -105,11 +122,13 @@ def bench_torch(folder, ids, batch, new_tokens, repeats):
 
     run()
     secs = _best(run, repeats)
+    import transformers
+
     return {
-        "impl": f"transformers {__import__('transformers').__version__} + torch {torch.__version__} (fp32)",
-        "batch": batch,
+        "impl": f"transformers {transformers.__version__} + torch {torch.__version__} ({'fp32' if dtype == 'float32' else 'bf16'})",
+        "dtype": dtype,
         "seconds": secs,
-        "tokens_per_s": batch * new_tokens / secs,
+        "tokens_per_s": len(prompts) * new_tokens / secs,
     }
 
 
@@ -138,43 +157,53 @@ def main():
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dtype", default="float32", help="our compute/param dtype (the reference is always fp32)")
-    ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--prompts", choices=["same", "distinct"], default="same")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="our matmul/param dtypes")
+    ap.add_argument("--torch-dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
-    lm = load_pretrained(args.model, dtype=args.dtype, param_dtype=args.dtype)
-    ids = lm.tokenizer.apply_chat_template(
-        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=True, return_dict=False
-    )
+    models = {dt: load_pretrained(args.model, dtype=dt, param_dtype=dt) for dt in args.dtypes}
+    any_lm = next(iter(models.values()))
     rows = []
     for b in args.batch_sizes:
-        ours = bench_ours(lm, ids, b, args.new_tokens, args.repeats, args.dtype)
-        if jax.devices()[0].platform == "gpu":
-            ours["roofline"] = roofline(lm, len(ids), b, args.new_tokens, ours["tokens_per_s"])
-        rows.append(ours)
-        if not args.skip_torch:
-            ref = bench_torch(lm.path, ids, b, args.new_tokens, args.repeats)
-            ours["speedup"] = ours["tokens_per_s"] / ref["tokens_per_s"]
-            rows.append(ref)
-        print(json.dumps(rows[-2:] if not args.skip_torch else rows[-1:]), flush=True)
+        prompts = make_prompts(any_lm.tokenizer, b, args.prompts)
+        batch_rows = []
+        for dt, lm in models.items():
+            r = bench_ours(lm, prompts, args.new_tokens, args.repeats, dt)
+            if jax.devices()[0].platform == "gpu":
+                r["roofline"] = roofline(lm, max(map(len, prompts)), b, args.new_tokens, r["tokens_per_s"])
+            batch_rows.append(r)
+        for dt in args.torch_dtypes:
+            batch_rows.append(bench_torch(any_lm.path, prompts, args.new_tokens, args.repeats, dt))
+        ref = {r["dtype"]: r["tokens_per_s"] for r in batch_rows if r["impl"].startswith("transformers")}
+        for r in batch_rows:
+            r["batch"] = b
+            r["prompt_tokens"] = max(map(len, prompts))
+            for dt, tps in ref.items():
+                r[f"vs_torch_{dt}"] = r["tokens_per_s"] / tps
+        rows += batch_rows
+        print(json.dumps(batch_rows), flush=True)
 
     meta = {
         "command": "python " + " ".join(sys.argv),
         "machine": _machine(),
         "commit": _commit(),
         "jax": jax.__version__,
-        "prompt_tokens": len(ids),
         "new_tokens": args.new_tokens,
+        "prompts": args.prompts,
     }
-    print(f"\nmachine: {meta['machine']}; commit {meta['commit']}; jax {meta['jax']}")
+    print(f"\nmachine: {meta['machine']}; commit {meta['commit']}; jax {meta['jax']}; prompts: {args.prompts}")
     print(f"command: {meta['command']}\n")
-    print("| implementation | batch | tokens/s | speedup |")
-    print("|---|---:|---:|---:|")
+    cols = [f"vs_torch_{dt}" for dt in args.torch_dtypes]
+    print(
+        "| implementation | batch | prompt tokens | tokens/s | " + " | ".join(f"x torch {c[9:]}" for c in cols) + " |"
+    )
+    print("|---|---:|---:|---:|" + "---:|" * len(cols))
     for r in rows:
-        sp = f"{r['speedup']:.2f}x" if "speedup" in r else ""
-        print(f"| {r['impl']} | {r['batch']} | {r['tokens_per_s']:.1f} | {sp} |")
+        extra = " | ".join(f"{r[c]:.2f}" for c in cols)
+        print(f"| {r['impl']} | {r['batch']} | {r['prompt_tokens']} | {r['tokens_per_s']:.1f} | {extra} |")
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 

@@ -252,11 +252,11 @@ def test_gguf_conversion_writes_hf_folder(converted, smollm2_gguf):
     assert "lm_head.weight" not in header and header["model.embed_tokens.weight"] == (49152, 576)
 
     template = GGUFReader(str(smollm2_gguf)).fields["tokenizer.chat_template"].contents()
-    # transformers >= 5 writes the template to chat_template.jinja; older ones into tokenizer_config.json.
-    saved = json.loads((converted / "tokenizer_config.json").read_text()).get("chat_template")
-    if saved is None:
-        saved = (converted / "chat_template.jinja").read_text()
-    assert saved == template
+    # Written to tokenizer_config.json (read by any transformers version) and, by transformers 5,
+    # to chat_template.jinja as well.
+    assert json.loads((converted / "tokenizer_config.json").read_text())["chat_template"] == template
+    jinja = converted / "chat_template.jinja"
+    assert not jinja.exists() or jinja.read_text() == template
     tok = load_tokenizer(converted)
     assert tok.chat_template == template
     assert tok.eos_token == "<|im_end|>"

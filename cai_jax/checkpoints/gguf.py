@@ -22,7 +22,7 @@ import numpy as np
 from cai_jax.checkpoints.hf import save_hf_checkpoint
 from cai_jax.models.config import ModelConfig, UnsupportedModelError
 
-CONVERTER_VERSION = "1"  # bump when the conversion changes, so cached folders are rebuilt
+CONVERTER_VERSION = "2"  # bump when the conversion changes, so cached folders are rebuilt
 
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3_SPLIT = (
@@ -222,6 +222,11 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None
     params = hf_tensors_to_params(cfg, tensors, source=str(gguf_path))
     tmp = out_dir.with_name(out_dir.name + ".partial")
     save_hf_checkpoint(tmp, cfg, params, tokenizer=tokenizer)
+    # transformers 5 keeps the template in chat_template.jinja; older readers look for it here.
+    tok_cfg_path = tmp / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text())
+    tok_cfg["chat_template"] = tokenizer.chat_template
+    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False))
     (tmp / "generation_config.json").write_text(
         json.dumps({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}, indent=2)
     )
