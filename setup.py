@@ -8,6 +8,8 @@ setup(
     version="0.1.0",
     description="Constitutional AI (SL-CAI, RL-CAI with AI feedback, PM with PMP, PPO) in JAX/Flax",
     packages=find_packages(include=["cai_jax", "cai_jax.*"]),
+    # Shipped red-team and helpfulness prompts (read with importlib.resources).
+    package_data={"cai_jax.cai": ["data/*.jsonl"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",
