@@ -1,0 +1,373 @@
+"""SL-CAI data engine: initial response, then N rounds of critique -> revision (paper sec. 3.1).
+
+For each red-team prompt the helpful model answers; then, round after round, it is asked to
+critique its latest answer under a principle sampled from the constitution and to revise it. The
+dialogue grows: round r sees the prompt, the initial answer and every earlier critique and
+revision. Every round is kept, so SL-CAI-n can train on revisions 1..n.
+
+Renderings (`rendering`):
+
+* "transcript" (base models; the paper's framing): the dialogue is one text,
+  "\\n\\nHuman: {prompt}\\n\\nAssistant: {response}\\n\\nCritiqueRequest: {request}\\n\\nCritique:
+  {critique}\\n\\nRevisionRequest: {request}\\n\\nRevision: {revision}" ..., generation continues after
+  the next label ("\\n\\nAssistant:", "\\n\\nCritique:" or "\\n\\nRevision:") and stops at the next
+  label. Few-shot transcripts from the constitution are prepended, rendered the same way.
+* "chat" (chat models): the same steps as chat turns; requests are user turns, the prompt's
+  answer, critiques and revisions are assistant turns, rendered with the tokenizer's chat template.
+  Few-shot transcripts are prepended as earlier turns of the same chat.
+
+Modes: "critique" (critique request -> critique -> revision request -> revision) and "direct"
+(revision request -> revision, no critique step; the revision request then follows the answer or
+the previous revision directly, so the prompt text differs from the critique mode's).
+
+Determinism and resume: prompts are split into fixed batches of `batch_size` (per process); each
+finished batch is written atomically as its own JSONL shard, so a killed run loses at most the
+batch in flight, and a rerun skips finished shards. A batch's samples depend only on (seed, process
+index, batch index) and each prompt's principles only on (seed, the prompt's global index), so
+the resumed output equals an uninterrupted run's. The folder loads with `load_revisions` (or
+`datasets.load_dataset("json", data_files=...)`) as one dataset across processes.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from cai_jax.cai.constitution import Constitution, SLPrinciple, sample_sl_principles
+from cai_jax.cai.prompts import Prompt, shard_for_process
+from cai_jax.sampling import generate
+from cai_jax.text import render_chat
+
+# (kind, transcript label, chat role)
+_TURNS = {
+    "human": ("Human", "user"),
+    "assistant": ("Assistant", "assistant"),
+    "critique_request": ("CritiqueRequest", "user"),
+    "critique": ("Critique", "assistant"),
+    "revision_request": ("RevisionRequest", "user"),
+    "revision": ("Revision", "assistant"),
+}
+TRANSCRIPT_STOPS = tuple(f"\n\n{label}:" for label, _ in _TURNS.values())
+_ECHO = re.compile(r"^\s*(?:revision|revised response|critique|assistant|response)\s*:\s*", re.IGNORECASE)
+_BOILERPLATE = re.compile(
+    r"^\s*(?:sure|okay|ok|certainly|of course)?[,!. ]*(?:here is|here's|below is)\s+(?:a|the|my)\s+"
+    r"(?:revised|rewritten|new|updated)\s+(?:version of the\s+)?(?:response|answer|reply|version)[^:\n]*:\s*",
+    re.IGNORECASE,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RevisionSettings:
+    """Knobs of the revision engine (all come from the config)."""
+
+    num_revisions: int = 4  # critique -> revision rounds per prompt
+    num_principles: int | None = None  # sample from the first k SL principles; None = all
+    mode: str = "critique"  # critique | direct
+    num_few_shots: int = 0  # constitution few-shot transcripts prepended; 0 = none
+    temperature: float = 1.0  # paper: T = 1
+    top_p: float = 1.0
+    max_new_tokens: int = 128  # per generated step (answer, critique or revision)
+    rendering: str = "chat"  # chat (chat template) | transcript (paper's raw framing)
+    seed: int = 0
+    batch_size: int = 16  # prompts per generate call and per output shard
+
+    def __post_init__(self):
+        if self.mode not in ("critique", "direct"):
+            raise ValueError(f"revisions.mode={self.mode!r}; expected critique or direct")
+        if self.rendering not in ("chat", "transcript"):
+            raise ValueError(f"revisions.rendering={self.rendering!r}; expected chat or transcript")
+        if self.num_revisions < 0 or self.num_few_shots < 0 or self.batch_size < 1:
+            raise ValueError("revisions: num_revisions and num_few_shots must be >= 0, batch_size >= 1")
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def dialogue_turns(prompt: str, response: str | None, rounds: Sequence[dict]) -> list[tuple[str, str]]:
+    """The (kind, text) turns of a prompt's dialogue so far."""
+    turns = [("human", prompt)]
+    if response is not None:
+        turns.append(("assistant", response))
+    for r in rounds:
+        if r.get("critique_request") is not None:
+            turns.append(("critique_request", r["critique_request"]))
+        if r.get("critique") is not None:
+            turns.append(("critique", r["critique"]))
+        if r.get("revision_request") is not None:
+            turns.append(("revision_request", r["revision_request"]))
+        if r.get("revision") is not None:
+            turns.append(("revision", r["revision"]))
+    return turns
+
+
+def _few_shot_turns(constitution: Constitution, n: int, mode: str) -> list[tuple[str, str]]:
+    turns: list[tuple[str, str]] = []
+    for shot in constitution.sl_few_shots[:n]:
+        for m in shot.conversation:
+            turns.append(("human" if m["role"] in ("user", "system") else "assistant", m["content"]))
+        for r in shot.rounds:
+            if mode == "critique":
+                turns += [("critique_request", r.critique_request), ("critique", r.critique)]
+            turns += [("revision_request", r.revision_request), ("revision", r.revision)]
+    return turns
+
+
+def render_step(tokenizer, turns: list[tuple[str, str]], next_kind: str, rendering: str) -> str:
+    """Text fed to the model to generate the turn `next_kind` after `turns`."""
+    if rendering == "transcript":
+        text = "".join(f"\n\n{_TURNS[k][0]}: {t}" for k, t in turns)
+        return text + f"\n\n{_TURNS[next_kind][0]}:"
+    messages = [{"role": _TURNS[k][1], "content": t} for k, t in turns]
+    return render_chat(tokenizer, messages, add_generation_prompt=True)
+
+
+def clean_text(text: str, counts: collections.Counter) -> str:
+    """Cuts at the next role label and strips echoed labels / boilerplate; counts each fix."""
+    cut = min((i for i in (text.find(s) for s in TRANSCRIPT_STOPS) if i >= 0), default=-1)
+    if cut >= 0:
+        text = text[:cut]
+        counts["cut_at_role_label"] += 1
+    stripped = _ECHO.sub("", text, count=1)
+    if stripped != text:
+        counts["echoed_label"] += 1
+    text = _BOILERPLATE.sub("", stripped, count=1)
+    if text != stripped:
+        counts["boilerplate_prefix"] += 1
+    return text.strip()
+
+
+# ---------------------------------------------------------------- the engine
+
+
+def _settings_hash(settings: RevisionSettings, constitution: Constitution, prompts: Sequence[Prompt], lm) -> str:
+    blob = json.dumps(
+        {
+            "settings": dataclasses.asdict(settings),
+            "model": [str(getattr(lm, "path", None)), repr(lm.config)],
+            "constitution": [dataclasses.asdict(p) for p in constitution.sl_principles],
+            "few_shots": [dataclasses.asdict(s) for s in constitution.sl_few_shots[: settings.num_few_shots]],
+            "prompts": [(p.id, p.text) for p in prompts],
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _check_prompts(prompts: Sequence[Prompt], lm, constitution: Constitution, settings: RevisionSettings):
+    """Empty prompts, and prompts whose whole dialogue could outgrow the context, name their id."""
+    if not prompts:
+        raise ValueError("revisions: the prompt list is empty")
+    context = lm.config.max_position_embeddings
+    steps = 1 + settings.num_revisions * (2 if settings.mode == "critique" else 1)
+    shots = _few_shot_turns(constitution, settings.num_few_shots, settings.mode)
+    for p in prompts:
+        if not p.text.strip():
+            raise ValueError(f"revisions: prompt {p.id!r} is empty")
+        # The first step's full text (few-shots and template included), then every generated
+        # step and its request: 64 tokens is a generous bound for a request turn.
+        first = render_step(lm.tokenizer, shots + [("human", p.text)], "assistant", settings.rendering)
+        n = len(lm.tokenizer(first, add_special_tokens=False)["input_ids"])
+        need = n + steps * (settings.max_new_tokens + 64)
+        if need > context:
+            raise ValueError(
+                f"revisions: prompt {p.id!r} renders to {n} tokens; with {steps} generated steps of up to "
+                f"{settings.max_new_tokens} tokens the dialogue could reach {need}, more than the model's "
+                f"context of {context}"
+            )
+
+
+def _generate_step(lm, texts: list[str], key, settings: RevisionSettings) -> list[str]:
+    ids = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    stops = TRANSCRIPT_STOPS if settings.rendering == "transcript" else ()
+    out = generate(
+        lm,
+        ids,
+        rng=key,
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        stop_strings=stops,
+    )
+    return out.texts(lm.tokenizer)
+
+
+def revise_batch(
+    lm, constitution: Constitution, prompts: Sequence[Prompt], indices: Sequence[int], key, settings, counts
+) -> list[dict]:
+    """Runs the initial answer and every round for one batch; returns its rows."""
+    principles: list[list[SLPrinciple]] = [
+        sample_sl_principles(
+            constitution, settings.num_revisions, np.random.default_rng([settings.seed, i]), k=settings.num_principles
+        )
+        if settings.num_revisions
+        else []
+        for i in indices
+    ]
+    shots = _few_shot_turns(constitution, settings.num_few_shots, settings.mode)
+    render = lambda turns, kind: render_step(lm.tokenizer, shots + turns, kind, settings.rendering)  # noqa: E731
+    step = iter(range(1_000_000))
+    responses = _generate_step(
+        lm, [render(dialogue_turns(p.text, None, []), "assistant") for p in prompts], jax.random.fold_in(key, next(step)), settings
+    )  # fmt: skip
+    responses = [clean_text(r, counts) for r in responses]
+    rounds: list[list[dict]] = [[] for _ in prompts]
+    for r in range(settings.num_revisions):
+        new = [{"principle_id": pr[r].id} for pr in principles]
+        if settings.mode == "critique":
+            for rd, pr in zip(new, principles):
+                rd["critique_request"] = pr[r].critique_request
+            texts = [
+                render(dialogue_turns(p.text, resp, rounds[j] + [new[j]]), "critique")
+                for j, (p, resp) in enumerate(zip(prompts, responses))
+            ]
+            crits = _generate_step(lm, texts, jax.random.fold_in(key, next(step)), settings)
+            for rd, c in zip(new, crits):
+                rd["critique"] = clean_text(c, counts)
+        else:
+            for rd in new:
+                rd["critique_request"] = rd["critique"] = None
+        for rd, pr in zip(new, principles):
+            rd["revision_request"] = pr[r].revision_request
+        texts = [
+            render(dialogue_turns(p.text, resp, rounds[j] + [new[j]]), "revision")
+            for j, (p, resp) in enumerate(zip(prompts, responses))
+        ]
+        revs = _generate_step(lm, texts, jax.random.fold_in(key, next(step)), settings)
+        for j, (rd, v) in enumerate(zip(new, revs)):
+            rd["revision"] = clean_text(v, counts)
+            rounds[j].append(rd)
+    return [
+        {
+            "id": p.id,
+            "prompt": p.text,
+            "initial_response": resp,
+            "rounds": rds,
+            "seed": settings.seed,
+            "settings": dataclasses.asdict(settings),
+        }
+        for p, resp, rds in zip(prompts, responses, rounds)
+    ]
+
+
+def _write_stats(path: Path, per_batch: dict) -> None:
+    total: collections.Counter = collections.Counter()
+    for c in per_batch.values():
+        total.update(c)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"total": dict(total), "batches": per_batch}, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def run_revisions(
+    lm: Any,
+    prompts: Sequence[Prompt],
+    constitution: Constitution,
+    settings: RevisionSettings,
+    out_dir: str | os.PathLike,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    progress: bool = True,
+) -> Path:
+    """Generates the SL-CAI revision data for `prompts` into `out_dir` (resumable; see module doc).
+
+    Args:
+      lm: the helpful model (`LoadedModel`) that answers, critiques and revises.
+      prompts: red-team prompts (`cai_jax.cai.prompts.Prompt`), the same list on every process.
+      constitution: supplies the SL principles and few-shot transcripts.
+      settings: RevisionSettings.
+      out_dir: output folder; rows go to `rows-p<process>-b<batch>.jsonl`.
+      process_index / process_count: this host's shard of the prompts (strided).
+
+    Returns:
+      out_dir. A `DONE-p<process>` file marks this process's shard as finished.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Fails early on a bad k; checks the SL principles only (restrict() would also bound k by the
+    # feedback principles, which this stage does not use).
+    if settings.num_revisions or settings.num_principles is not None:
+        sample_sl_principles(constitution, 0, 0, k=settings.num_principles)
+    if settings.num_few_shots > len(constitution.sl_few_shots):
+        raise ValueError(
+            f"revisions.num_few_shots={settings.num_few_shots}, but the constitution has only "
+            f"{len(constitution.sl_few_shots)} SL few-shot transcripts"
+        )
+    _check_prompts(prompts, lm, constitution, settings)
+    fingerprint = _settings_hash(settings, constitution, prompts, lm)
+    meta_path = out / "meta.json"
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text()).get("fingerprint")
+        if old != fingerprint:
+            raise ValueError(
+                f"{out}: holds revisions made with other settings, constitution or prompts "
+                f"(fingerprint {old} != {fingerprint}); use another folder or delete it"
+            )
+    else:
+        meta = {"fingerprint": fingerprint, "settings": dataclasses.asdict(settings), "num_prompts": len(prompts)}
+        meta_path.write_text(json.dumps(meta, indent=2))
+
+    indices = shard_for_process(list(range(len(prompts))), process_index, process_count)
+    batches = [indices[i : i + settings.batch_size] for i in range(0, len(indices), settings.batch_size)]
+    # Clean-up counts per batch, kept across resumed runs: {"total": {...}, "batches": {b: {...}}}.
+    stats_path = out / f"cleanup-p{process_index:03d}.json"
+    per_batch = json.loads(stats_path.read_text()).get("batches", {}) if stats_path.exists() else {}
+    done = [b for b in range(len(batches)) if (out / f"rows-p{process_index:03d}-b{b:06d}.jsonl").exists()]
+    bar = tqdm(
+        total=len(indices),
+        initial=sum(len(batches[b]) for b in done),
+        unit="prompt",
+        disable=not progress,
+        desc=f"revisions p{process_index}",
+    )
+    base = jax.random.fold_in(jax.random.key(settings.seed), process_index)
+    for b, idx in enumerate(batches):
+        path = out / f"rows-p{process_index:03d}-b{b:06d}.jsonl"
+        if path.exists():
+            continue
+        counts: collections.Counter = collections.Counter()
+        rows = revise_batch(
+            lm, constitution, [prompts[i] for i in idx], idx, jax.random.fold_in(base, b), settings, counts
+        )
+        # Counts first, then the shard: a kill in between reruns the batch, which recounts the same.
+        per_batch[str(b)] = dict(counts)
+        _write_stats(stats_path, per_batch)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        bar.update(len(idx))
+    bar.close()
+    if not stats_path.exists():  # no batch ran (this process got no prompts)
+        _write_stats(stats_path, per_batch)
+    (out / f"DONE-p{process_index:03d}").write_text(fingerprint)
+    return out
+
+
+def revision_files(out_dir: str | os.PathLike) -> list[str]:
+    files = sorted(str(p) for p in Path(out_dir).glob("rows-p*-b*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"{out_dir}: no revision shards (rows-p*-b*.jsonl)")
+    return files
+
+
+def load_revisions(out_dir: str | os.PathLike):
+    """The revision rows of every process as one `datasets.Dataset`."""
+    import datasets
+
+    return datasets.load_dataset("json", data_files=revision_files(out_dir), split="train")
