@@ -11,8 +11,10 @@ import argparse
 import json
 import time
 
+import jax
+
 from cai_jax.cai.constitution import default_constitution, load_constitution
-from cai_jax.cai.prompts import load_prompts, shipped_prompts
+from cai_jax.cai.prompts import load_prompts, prepare_prompts, shipped_prompts
 from cai_jax.cai.revisions import RevisionSettings, load_revisions, run_revisions
 from cai_jax.models import DEFAULT_MODEL, load_pretrained
 
@@ -34,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=96, help="per answer / critique / revision")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch and output shard")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-prompt-chars", type=int, default=2000, help="longer prompts are dropped (counted)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="matmul/param dtype")
     return p.parse_args(argv)
 
@@ -43,6 +46,8 @@ def main(argv=None):
     prompts = shipped_prompts("red_team") if args.prompts == "shipped:red_team" else load_prompts(args.prompts)
     if args.num_prompts:
         prompts = prompts[: args.num_prompts]
+    prompts, _, report = prepare_prompts(prompts, eval_fraction=0.0, max_chars=args.max_prompt_chars)
+    print("prompts:", ", ".join(f"{k} {v}" for k, v in report.items()))
     constitution = load_constitution(args.constitution) if args.constitution else default_constitution()
     settings = RevisionSettings(
         num_revisions=args.num_revisions,
@@ -58,7 +63,16 @@ def main(argv=None):
     )
     lm = load_pretrained(args.model, dtype=args.dtype, param_dtype=args.dtype)
     start = time.perf_counter()
-    run_revisions(lm, prompts, constitution, settings, args.out)
+    # On several hosts (after jax.distributed.initialize) each process writes its own prompt shard.
+    run_revisions(
+        lm,
+        prompts,
+        constitution,
+        settings,
+        args.out,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     ds = load_revisions(args.out)
     print(f"{len(ds)} rows in {args.out} ({time.perf_counter() - start:.0f} s this run)")
     print(json.dumps(ds[0], indent=2, ensure_ascii=False))
