@@ -87,6 +87,33 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
+class HeadsDense(nn.Module):
+    """`nn.DenseGeneral` for the attention projections, with parameters created at their final rank.
+
+    DenseGeneral draws its kernel (and bias) flat and reshapes it afterwards, applying the logical
+    sharding constraint to the flat array; under a mesh with axis rules that fails on 3-d kernels
+    (flax issue #3676). Same parameter names, shapes, initial values and maths as DenseGeneral.
+    """
+
+    features: tuple[int, ...]  # output dims appended to the result
+    in_dims: int  # number of trailing input dims contracted
+    kernel_axes: tuple[str, ...]  # logical names of the kernel [*contracted, *features]
+    use_bias: bool
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        n = self.in_dims
+        kernel = self.param("kernel", _init(0.02, self.kernel_axes), x.shape[-n:] + self.features, self.param_dtype)
+        contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
+        y = _dot_f32(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.use_bias:
+            init = nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[n:])
+            y = y + self.param("bias", init, self.features, self.param_dtype).astype(self.dtype)
+        return y
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
@@ -95,19 +122,10 @@ class Attention(nn.Module):
         cfg = self.cfg
         dt, pdt, act = cfg.jnp_dtype, cfg.jnp_param_dtype, cfg.jnp_activation_dtype
         h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        std = 0.02
 
         def proj(name, heads, axes):
-            return nn.DenseGeneral(
-                (heads, d),
-                use_bias=cfg.attention_bias,
-                dtype=dt,
-                param_dtype=pdt,
-                kernel_init=_init(std, ("embed",) + axes),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes),
-                dot_general=_dot_f32,
-                name=name,
-            )(x_BTE).astype(act)
+            dense = HeadsDense((heads, d), 1, ("embed",) + axes, cfg.attention_bias, dt, pdt, name=name)
+            return dense(x_BTE).astype(act)
 
         q_BTHD = proj("q_proj", h, ("q_heads", "head_dim"))
         k_BTKD = proj("k_proj", k, ("kv_heads", "head_dim"))
@@ -141,16 +159,8 @@ class Attention(nn.Module):
         out_BKMD = jnp.einsum("bkms,bksd->bkmd", probs_BKMS, v_BKSD.astype(act))
         out_BTKGD = out_BKMD.reshape(b, k, g, t, d).transpose(0, 3, 1, 2, 4)
         out_BTHD = out_BTKGD.reshape(b, t, h, d)
-        out_BTE = nn.DenseGeneral(
-            cfg.hidden_size,
-            axis=(-2, -1),
-            use_bias=False,
-            dtype=dt,
-            param_dtype=pdt,
-            kernel_init=_init(std, ("q_heads", "head_dim", "embed")),
-            dot_general=_dot_f32,
-            name="o_proj",
-        )(out_BTHD).astype(act)
+        o_proj = HeadsDense((cfg.hidden_size,), 2, ("q_heads", "head_dim", "embed"), False, dt, pdt, name="o_proj")
+        out_BTE = o_proj(out_BTHD).astype(act)
         return out_BTE, new_cache
 
 

@@ -1,0 +1,227 @@
+"""Resumable training checkpoints: the train state pytree plus the data position, via orbax.
+
+API choice: orbax-checkpoint's ``CheckpointManager`` with ``args=`` objects
+(``ocp.args.Composite`` of ``StandardSave``/``StandardRestore`` and ``JsonSave``/``JsonRestore``).
+It is the stable, documented API of orbax 0.12 (the ``items=``/``checkpointers=`` form is
+deprecated; ``orbax.checkpoint.v1`` is still experimental). Each step folder holds two items:
+
+* ``state``: any pytree of jax/numpy arrays (params, optax state, step, PRNG keys), written with
+  each array's sharding so every host writes only its own shards.
+* ``data``: a small JSON dict with the data position, e.g. ``{"epoch": 0, "position": 123,
+  "seed": 0}``, so a resumed run reads exactly the batches the killed run would have read next.
+
+Typed PRNG keys (``jax.random.key``) are stored as their raw ``uint32`` key data
+(``jax.random.key_data``) and wrapped back (``jax.random.wrap_key_data``) with the implementation
+of the matching leaf of the restore target. That keeps the files plain arrays, readable without
+knowing the key implementation, and independent of orbax's own (version-dependent) key support;
+the cost is that a key comes back as a key only when ``restore`` is given a target.
+
+Saves are atomic (orbax writes ``<step>.orbax-checkpoint-tmp`` and renames it when complete), so a
+run killed mid-save keeps its previous checkpoint: `latest_step` and `restore` ignore the partial
+folder, and the next save of that step replaces it.
+Typical loop (only loops and ``experiments/`` touch checkpoints)::
+
+    ckpt = Checkpointer(CheckpointConfig.from_config(cfg.checkpoint))
+    if ckpt.latest_step() is not None:
+        state, data_state = ckpt.restore(target=jax.eval_shape(init_fn, rng))
+    while step < total:
+        state, metrics = train_step(state, batch)
+        ckpt.save_if_finite(step, state, data_state, metrics, force=step == total)
+    ckpt.close()
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Where and how often to checkpoint (the ``checkpoint`` sub-dict of a stage config)."""
+
+    directory: str  # folder holding one sub-folder per saved step
+    save_every_steps: int = 1000  # optimizer steps between saves (the last step is saved with force=True)
+    keep_last: int | None = 3  # number of most recent checkpoints kept; None keeps all
+    async_save: bool = False  # write in a background thread (the call still copies arrays to host first)
+
+    def __post_init__(self):
+        if not self.directory:
+            raise ValueError("checkpoint.directory must be a non-empty path")
+        if int(self.save_every_steps) < 1:
+            raise ValueError(f"checkpoint.save_every_steps must be >= 1, got {self.save_every_steps}")
+        if self.keep_last is not None and int(self.keep_last) < 1:
+            raise ValueError(f"checkpoint.keep_last must be >= 1 or None, got {self.keep_last}")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> CheckpointConfig:
+        """Builds from a ConfigDict or mapping; an unknown or missing field is a ValueError naming it."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        items = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+        unknown = sorted(set(items) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown checkpoint config field(s) {unknown} (expected some of: {', '.join(fields)})")
+        missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in items]
+        if missing:
+            raise ValueError(f"checkpoint config is missing required field(s) {missing}")
+        return cls(**items)
+
+
+def _is_key(x: Any) -> bool:
+    return isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _key_impl(x: jax.Array | jax.ShapeDtypeStruct):
+    """The PRNG implementation of a key array or an abstract key (`jax.random.key_impl` takes arrays only)."""
+    if isinstance(x, jax.Array):
+        return jax.random.key_impl(x)
+    return x.dtype._impl  # KeyTy carries its implementation; there is no public accessor for abstract keys
+
+
+def _keys_to_data(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _key_data_target(x: Any) -> Any:
+    """The uint32 key-data leaf to restore in place of a key leaf of the target."""
+    if isinstance(x, jax.Array):
+        return jax.random.key_data(x)
+    shape = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype)).shape
+    # A key's sharding covers its leading dims; it applies unchanged to the trailing key-data dim.
+    return jax.ShapeDtypeStruct(shape, np.uint32, sharding=getattr(x, "sharding", None))
+
+
+class Checkpointer:
+    """Saves and restores (train state, data state) pairs under one folder with orbax.
+
+    A step is saved when ``step % save_every_steps == 0``, when ``force=True`` (the loop's last
+    step), or when orbax sees a preemption signal; the ``keep_last`` most recent are kept. Unlike
+    orbax's default policy, the very first step is *not* saved implicitly, so the saved steps are
+    predictable from the config.
+    """
+
+    def __init__(self, cfg: CheckpointConfig):
+        self.cfg = cfg
+        self.directory = os.path.abspath(os.fspath(cfg.directory))
+        policy = ocp.checkpoint_managers.AnySavePolicy(
+            [
+                ocp.checkpoint_managers.FixedIntervalPolicy(int(cfg.save_every_steps)),
+                ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+            ]
+        )
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep_last,
+            save_interval_steps=int(cfg.save_every_steps),
+            save_decision_policy=policy,
+            enable_async_checkpointing=bool(cfg.async_save),
+            cleanup_tmp_directories=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
+        """Saves `state` (a pytree of arrays) and `data_state` (a JSON dict) as `step` if due.
+
+        Returns whether a save was started (with ``async_save`` it completes in the background;
+        `wait` blocks until it is on disk). Arrays are copied off the device before this returns,
+        so the caller may donate `state` to the next step. A step that is already saved is left as
+        it is (False), so "save at the end" after a resume of a finished run is harmless.
+        """
+        if not isinstance(data_state, collections.abc.Mapping):
+            raise TypeError(f"data_state must be a dict, got {type(data_state).__name__}")
+        try:
+            json.dumps(dict(data_state))
+        except TypeError as e:
+            raise TypeError(f"data_state must hold JSON values only (cast numpy scalars to int/float): {e}") from None
+        if int(step) in self._manager.all_steps():
+            return False
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(_keys_to_data(state)), data=ocp.args.JsonSave(dict(data_state))
+        )
+        return bool(self._manager.save(int(step), args=args, force=force))
+
+    def save_if_finite(self, step: int, state: Any, data_state: dict, metrics: dict, *, force: bool = False) -> bool:
+        """`save`, after checking that ``metrics["loss"]`` (and ``grad_norm`` if present) is finite.
+
+        Fetches those scalars to the host (one device sync). On a non-finite value nothing is
+        saved, pending saves are finished, and FloatingPointError names the step and the last good
+        checkpoint, which stays in place for a resume.
+        """
+        if "loss" not in metrics:
+            raise KeyError(f"save_if_finite needs metrics['loss'] (got keys {sorted(metrics)})")
+        checked = {k: float(jax.device_get(metrics[k])) for k in ("loss", "grad_norm") if k in metrics}
+        bad = {k: v for k, v in checked.items() if not math.isfinite(v)}
+        if bad:
+            self.wait()
+            last = self.latest_step()
+            where = f"step {last} in {self.directory}" if last is not None else f"none yet in {self.directory}"
+            found = ", ".join(f"{k}={v}" for k, v in bad.items())
+            raise FloatingPointError(f"non-finite {found} at step {step}; not saved. Last good checkpoint: {where}")
+        return self.save(step, state, data_state, force=force)
+
+    def restore(self, step: int | None = None, target: Any = None) -> tuple[Any, dict]:
+        """Returns ``(state, data_state)`` saved at `step` (default: the latest).
+
+        Args:
+          step: the step to restore; None means `latest_step()`.
+          target: a pytree like the saved state, of arrays or ``jax.ShapeDtypeStruct`` (e.g. from
+            ``jax.eval_shape(init_fn, rng)``, with ``sharding`` set for sharded restores). The
+            restored state takes its structure, dtypes and shardings, and key leaves come back as
+            typed PRNG keys. Without a target, orbax's stored metadata decides (containers come
+            back as dicts/lists, keys as their uint32 key data).
+
+        Raises:
+          FileNotFoundError: when there is no checkpoint (or no checkpoint at `step`).
+        """
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        elif int(step) not in self.all_steps():
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} (have {self.all_steps()})")
+        raw_target = (
+            None if target is None else jax.tree.map(lambda x: _key_data_target(x) if _is_key(x) else x, target)
+        )
+        out = self._manager.restore(
+            int(step),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(raw_target), data=ocp.args.JsonRestore()),
+        )
+        state = out["state"]
+        if target is not None:
+            state = jax.tree.map(
+                lambda t, x: jax.random.wrap_key_data(x, impl=_key_impl(t)) if _is_key(t) else x, target, state
+            )
+        return state, dict(out["data"])
+
+    def latest_step(self) -> int | None:
+        """The most recent completed checkpoint's step, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Steps of the kept checkpoints, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        """Whether `save(step, ...)` without force would write (lets a loop skip host-side work)."""
+        return bool(self._manager.should_save(int(step)))
+
+    def wait(self) -> None:
+        """Blocks until any background save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finishes pending saves and releases orbax's threads."""
+        self._manager.close()
