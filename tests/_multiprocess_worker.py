@@ -1,0 +1,75 @@
+"""One process of the two-process check in tests/test_multiprocess.py (also runs alone).
+
+    python tests/_multiprocess_worker.py <process_id> <num_processes> <port> <out.json>
+
+Each process owns 2 CPU devices; with 2 processes the mesh spans 4 devices on localhost over
+jax.distributed (gloo CPU collectives). Every process feeds its own rows of the global batch
+(`process_shard`); the loss and gradient norm of 3 SFT steps are written as JSON by process 0.
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+import functools  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from cai_jax import sharding  # noqa: E402
+from cai_jax.models import Transformer, init_params, tiny_config  # noqa: E402
+from cai_jax.train.loop import jit_train_step, state_shardings  # noqa: E402
+from cai_jax.train.state import OptimConfig, TrainState, make_optimizer  # noqa: E402
+from cai_jax.train.steps import sft_step  # noqa: E402
+
+
+def main():
+    pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    if nproc > 1:
+        sharding.initialize_distributed(
+            {"coordinator_address": f"localhost:{port}", "num_processes": nproc, "process_id": pid}
+        )
+    cfg = tiny_config("llama")
+    model = Transformer(cfg)
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=-1, fsdp=1, tensor=1))
+    params = init_params(cfg, jax.random.key(0))
+    p_shard = sharding.param_shardings(model, np.zeros((1, 8), np.int32), mesh)
+    params = sharding.shard_params(params, p_shard)
+    optimizer = make_optimizer(OptimConfig(lr=1e-3, warmup_steps=0, grad_clip_norm=1.0), params)
+    create = lambda p: TrainState.create(p, optimizer, jax.random.key(1))  # noqa: E731
+    s_shard = state_shardings(jax.eval_shape(create, params), p_shard, mesh)
+    state = jax.jit(create, out_shardings=s_shard)(params)
+    step = jit_train_step(
+        functools.partial(sft_step, model=model, optimizer=optimizer),
+        s_shard,
+        {k: sharding.batch_sharding(mesh) for k in ("tokens", "mask", "loss_mask")},
+        mesh,
+    )
+    rng = np.random.default_rng(0)
+    losses, grad_norms = [], []
+    for _ in range(3):
+        tokens = rng.integers(3, cfg.vocab_size, (8, 16)).astype(np.int32)
+        loss_mask = np.zeros((8, 16), bool)
+        loss_mask[:, 8:] = True
+        full = {"tokens": tokens, "mask": np.ones((8, 16), bool), "loss_mask": loss_mask}
+        start, stop = sharding.process_shard(8)
+        batch = sharding.global_batch({k: v[start:stop] for k, v in full.items()}, mesh)
+        state, metrics = step(state, batch)
+        losses.append(float(jax.device_get(metrics["loss"])))
+        grad_norms.append(float(jax.device_get(metrics["grad_norm"])))
+    if jax.process_index() == 0:
+        with open(out, "w") as f:
+            json.dump({"loss": losses, "grad_norm": grad_norms, "devices": jax.device_count()}, f)
+    if nproc > 1:
+        jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
