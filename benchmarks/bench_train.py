@@ -1,0 +1,179 @@
+"""Train-step throughput: our SFT and PM steps vs transformers + PyTorch AdamW, same batch.
+
+    pip install -e .[bench]        # torch==2.13.0 (CPU)
+    python benchmarks/bench_train.py --batch 8 --seq-len 256
+
+SFT: next-token loss on the response half of each row, AdamW (lr 1e-5, weight decay 0.01, grad
+clip 1.0). PM: two sequences per pair through the model, scalar head at the last token, the
+soft-target pairwise loss, same optimizer. Both sides start from the embedded SmolLM2-135M-Instruct
+weights in fp32, run a warm-up step (compile excluded), then --steps timed steps. Tokens/s counts
+every token the step reads (SFT: batch x seq_len; PM: 2 x batch x seq_len).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_sampler import _commit, _machine  # noqa: E402
+from cai_jax.models import ScalarModel, load_pretrained  # noqa: E402
+from cai_jax.train.state import OptimConfig, TrainState, make_optimizer  # noqa: E402
+from cai_jax.train.steps import pm_step, sft_step  # noqa: E402
+
+
+def _batches(vocab, batch, seq_len, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, vocab, (batch, seq_len)).astype(np.int32)
+    loss_mask = np.zeros((batch, seq_len), bool)
+    loss_mask[:, seq_len // 2 :] = True
+    sft = {"tokens": tokens, "mask": np.ones_like(loss_mask), "loss_mask": loss_mask}
+    tokens_b = rng.integers(3, vocab, (batch, seq_len)).astype(np.int32)
+    pm = {
+        "tokens_a": tokens,
+        "mask_a": np.ones_like(loss_mask),
+        "tokens_b": tokens_b,
+        "mask_b": np.ones_like(loss_mask),
+        "p": rng.uniform(0, 1, batch).astype(np.float32),
+    }
+    return sft, pm
+
+
+def _time(fn, steps):
+    fn()  # warm-up / compile
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t0) / steps
+
+
+def bench_ours(lm, sft_batch, pm_batch, steps, ocfg):
+    model = lm.model
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (the steps donate their state)
+    opt = make_optimizer(ocfg, lm.params)
+    state = {"s": TrainState.create(copy(lm.params), opt, jax.random.key(0))}
+    step = jax.jit(functools.partial(sft_step, model=model, optimizer=opt), donate_argnums=0)
+
+    def run_sft():
+        state["s"], m = step(state["s"], sft_batch)
+        jax.block_until_ready(m["loss"])
+
+    sft_s = _time(run_sft, steps)
+    pm_model = ScalarModel(lm.config)
+    head = pm_model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"]["head"]
+    pm_params = {
+        "backbone": copy(lm.params),
+        "head": jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, head),
+    }
+    pm_opt = make_optimizer(ocfg, pm_params)
+    pm_state = {"s": TrainState.create(pm_params, pm_opt, jax.random.key(0))}
+    pstep = jax.jit(functools.partial(pm_step, model=pm_model, optimizer=pm_opt), donate_argnums=0)
+
+    def run_pm():
+        pm_state["s"], m = pstep(pm_state["s"], pm_batch)
+        jax.block_until_ready(m["loss"])
+
+    return sft_s, _time(run_pm, steps)
+
+
+def bench_torch(folder, sft_batch, pm_batch, steps, ocfg):
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=ocfg.lr, weight_decay=ocfg.weight_decay, betas=(ocfg.b1, ocfg.b2))
+    tokens = torch.tensor(sft_batch["tokens"], dtype=torch.long)
+    labels = tokens.clone()
+    labels[:, : tokens.shape[1] // 2] = -100
+
+    def run_sft():
+        opt.zero_grad(set_to_none=True)
+        logits = model(input_ids=tokens).logits
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), ocfg.grad_clip_norm)
+        opt.step()
+
+    sft_s = _time(run_sft, steps)
+    backbone = model.model
+    head = torch.nn.Linear(backbone.config.hidden_size, 1)
+    params = list(backbone.parameters()) + list(head.parameters())
+    popt = torch.optim.AdamW(params, lr=ocfg.lr, weight_decay=ocfg.weight_decay, betas=(ocfg.b1, ocfg.b2))
+    both = torch.cat([tokens, torch.tensor(pm_batch["tokens_b"], dtype=torch.long)])
+    p = torch.tensor(pm_batch["p"])
+
+    def run_pm():
+        popt.zero_grad(set_to_none=True)
+        h = backbone(input_ids=both).last_hidden_state[:, -1]
+        r = head(h)[:, 0]
+        ra, rb = r.chunk(2)
+        m = ra - rb
+        loss = -(p * F.logsigmoid(m) + (1 - p) * F.logsigmoid(-m)).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, ocfg.grad_clip_norm)
+        popt.step()
+
+    return sft_s, _time(run_pm, steps)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--remat", default="none", help="our remat policy (none | full | dots)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    ocfg = OptimConfig(lr=1e-5, warmup_steps=0, weight_decay=0.01, grad_clip_norm=1.0)
+    lm = load_pretrained(args.model, remat=args.remat)
+    sft_batch, pm_batch = _batches(lm.config.vocab_size, args.batch, args.seq_len)
+    ours = bench_ours(lm, sft_batch, pm_batch, args.steps, ocfg)
+    ref = bench_torch(lm.path, sft_batch, pm_batch, args.steps, ocfg)
+    n = args.batch * args.seq_len
+    rows = []
+    import torch
+    import transformers
+
+    for name, (sft_s, pm_s) in (
+        ("cai_jax (fp32)", ours),
+        (f"transformers {transformers.__version__} + torch {torch.__version__} (fp32)", ref),
+    ):
+        rows.append({"impl": name, "sft_tokens_per_s": n / sft_s, "pm_tokens_per_s": 2 * n / pm_s})
+    meta = {
+        "command": "python " + " ".join(sys.argv),
+        "machine": _machine(),
+        "commit": _commit(),
+        "jax": jax.__version__,
+    }
+    print(f"machine: {meta['machine']}; commit {meta['commit']}; jax {meta['jax']}")
+    print(f"command: {meta['command']}; batch {args.batch} x {args.seq_len} tokens, AdamW, fp32\n")
+    print("| implementation | SFT tokens/s | PM tokens/s |")
+    print("|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['impl']} | {r['sft_tokens_per_s']:.1f} | {r['pm_tokens_per_s']:.1f} |")
+    print(
+        f"\nspeedup: SFT {rows[0]['sft_tokens_per_s'] / rows[1]['sft_tokens_per_s']:.2f}x, "
+        f"PM {rows[0]['pm_tokens_per_s'] / rows[1]['pm_tokens_per_s']:.2f}x"
+    )
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
