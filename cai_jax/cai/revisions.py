@@ -221,30 +221,25 @@ def revise_batch(
     )  # fmt: skip
     responses = [clean_text(r, counts) for r in responses]
     rounds: list[list[dict]] = [[] for _ in prompts]
+
+    def run(new: list[dict], kind: str) -> None:
+        """Generates `kind` (critique or revision) for every prompt into its round dict `new[j]`."""
+        texts = [
+            render(dialogue_turns(p.text, responses[j], rounds[j] + [new[j]]), kind) for j, p in enumerate(prompts)
+        ]
+        for rd, text in zip(new, _generate_step(lm, texts, jax.random.fold_in(key, next(step)), settings)):
+            rd[kind] = clean_text(text, counts)
+
     for r in range(settings.num_revisions):
-        new = [{"principle_id": pr[r].id} for pr in principles]
+        new = [{"principle_id": pr[r].id, "critique_request": None, "critique": None} for pr in principles]
         if settings.mode == "critique":
             for rd, pr in zip(new, principles):
                 rd["critique_request"] = pr[r].critique_request
-            texts = [
-                render(dialogue_turns(p.text, resp, rounds[j] + [new[j]]), "critique")
-                for j, (p, resp) in enumerate(zip(prompts, responses))
-            ]
-            crits = _generate_step(lm, texts, jax.random.fold_in(key, next(step)), settings)
-            for rd, c in zip(new, crits):
-                rd["critique"] = clean_text(c, counts)
-        else:
-            for rd in new:
-                rd["critique_request"] = rd["critique"] = None
+            run(new, "critique")
         for rd, pr in zip(new, principles):
             rd["revision_request"] = pr[r].revision_request
-        texts = [
-            render(dialogue_turns(p.text, resp, rounds[j] + [new[j]]), "revision")
-            for j, (p, resp) in enumerate(zip(prompts, responses))
-        ]
-        revs = _generate_step(lm, texts, jax.random.fold_in(key, next(step)), settings)
-        for j, (rd, v) in enumerate(zip(new, revs)):
-            rd["revision"] = clean_text(v, counts)
+        run(new, "revision")
+        for j, rd in enumerate(new):
             rounds[j].append(rd)
     return [
         {
