@@ -138,10 +138,11 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--remat", default="none", help="our remat policy (none | full | dots)")
+    ap.add_argument("--dtype", default="float32", help="our matmul dtype (params stay fp32 master weights)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     ocfg = OptimConfig(lr=1e-5, warmup_steps=0, weight_decay=0.01, grad_clip_norm=1.0)
-    lm = load_pretrained(args.model, remat=args.remat)
+    lm = load_pretrained(args.model, remat=args.remat, dtype=args.dtype)
     sft_batch, pm_batch = _batches(lm.config.vocab_size, args.batch, args.seq_len)
     ours = bench_ours(lm, sft_batch, pm_batch, args.steps, ocfg)
     ref = bench_torch(lm.path, sft_batch, pm_batch, args.steps, ocfg)
@@ -151,7 +152,7 @@ def main():
     import transformers
 
     for name, (sft_s, pm_s) in (
-        ("cai_jax (fp32)", ours),
+        (f"cai_jax ({'fp32' if args.dtype == 'float32' else args.dtype + ' matmuls, fp32 params'})", ours),
         (f"transformers {transformers.__version__} + torch {torch.__version__} (fp32)", ref),
     ):
         rows.append({"impl": name, "sft_tokens_per_s": n / sft_s, "pm_tokens_per_s": 2 * n / pm_s})
@@ -162,7 +163,7 @@ def main():
         "jax": jax.__version__,
     }
     print(f"machine: {meta['machine']}; commit {meta['commit']}; jax {meta['jax']}")
-    print(f"command: {meta['command']}; batch {args.batch} x {args.seq_len} tokens, AdamW, fp32\n")
+    print(f"command: {meta['command']}; batch {args.batch} x {args.seq_len} tokens, AdamW\n")
     print("| implementation | SFT tokens/s | PM tokens/s |")
     print("|---|---:|---:|")
     for r in rows:
