@@ -159,3 +159,15 @@ def test_state_shardings_follow_params(cfg, params):
     p_leaves = jax.tree.leaves(p_shardings)
     n_matched = sum(any(s is p for p in p_leaves) for s in jax.tree.leaves(shardings.opt_state))
     assert n_matched >= 2 * len(jax.tree.leaves(params))  # mu and nu of every param
+
+
+def test_final_model_is_exported_as_hf_folder(cfg, params, tmp_path):
+    from cai_jax.checkpoints.hf import load_hf_params
+
+    state = _run(cfg, params, _examples(8), tmp_path / "run", 2, export_dir=tmp_path / "export")
+    loaded_cfg, loaded = load_hf_params(tmp_path / "export")
+    assert loaded_cfg.num_layers == cfg.num_layers and loaded_cfg.vocab_size == cfg.vocab_size
+    trained = jax.device_get(state.params)
+    for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(loaded)):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(jax.tree.leaves(trained)[0], jax.tree.leaves(jax.device_get(params))[0])

@@ -143,6 +143,8 @@ def train_sft(
     rules: Rules = DEFAULT_RULES,
     pad_id: int = 0,
     step_fn: Callable = sft_step,
+    export_dir: str | os.PathLike | None = None,
+    tokenizer: Any = None,
 ) -> TrainState:
     """Fine-tunes `model` on `examples` for `num_steps` steps (total, counting resumed ones).
 
@@ -159,6 +161,8 @@ def train_sft(
       rules: logical-axis rules.
       pad_id: token id of padding (masked out, so only its embedding lookup sees it).
       step_fn: `step(state, batch, *, model, optimizer) -> (state, metrics)`; `sft_step` by default.
+      export_dir: if given, the final params are written there as an HF-format folder
+        (config.json + safetensors, plus `tokenizer` if given) that transformers loads.
 
     Returns:
       The final train state (sharded on the mesh). If a checkpoint at or beyond `num_steps` exists,
@@ -223,4 +227,17 @@ def train_sft(
     finally:
         logger.close()
         ckpt.close()
+    if export_dir is not None:
+        export_params(state.params, module.cfg, export_dir, tokenizer)
     return state
+
+
+def export_params(params: Any, cfg: ModelConfig, folder: str | os.PathLike, tokenizer: Any = None) -> None:
+    """Gathers (possibly sharded, multi-host) params and writes an HF-format folder on process 0."""
+    from jax.experimental import multihost_utils
+
+    from cai_jax.checkpoints.hf import save_hf_checkpoint
+
+    host = multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1 else jax.device_get(params)
+    if jax.process_index() == 0:
+        save_hf_checkpoint(folder, cfg, host, tokenizer=tokenizer)
