@@ -310,26 +310,14 @@ def test_cleanup_counts_survive_resume_and_rerun(lm, prompts, constitution, tmp_
     fixes = ("cut_at_role_label", "echoed_label", "boilerplate_prefix")
     assert stats(tmp_path / "a")["total"] == dict.fromkeys(fixes, steps)
 
-    real, calls = rev.revise_batch, []
-
-    def killed_on_second_batch(*args, **kwargs):
-        calls.append(args[3])
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return real(*args, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(rev, "revise_batch", killed_on_second_batch)
-        with pytest.raises(KeyboardInterrupt):
-            run_revisions(lm, prompts, constitution, BASE, tmp_path / "b", progress=False)
+    _run_killed_on_second_batch(lm, prompts, constitution, tmp_path / "b", monkeypatch)
     for _ in range(2):  # resume, then rerun the finished folder
         run_revisions(lm, prompts, constitution, BASE, tmp_path / "b", progress=False)
         assert stats(tmp_path / "b") == stats(tmp_path / "a")
 
 
-def test_resume_after_kill_equals_uninterrupted_run(lm, prompts, constitution, base_run, tmp_path, monkeypatch):
-    a_dir, a_rows = base_run
-    b_dir = tmp_path / "b"
+def _run_killed_on_second_batch(lm, prompts, constitution, out_dir, monkeypatch):
+    """run_revisions with BASE settings, interrupted as the second batch starts (a simulated kill)."""
     real, calls = rev.revise_batch, []
 
     def killed_on_second_batch(*args, **kwargs):
@@ -341,14 +329,20 @@ def test_resume_after_kill_equals_uninterrupted_run(lm, prompts, constitution, b
     with monkeypatch.context() as m:
         m.setattr(rev, "revise_batch", killed_on_second_batch)
         with pytest.raises(KeyboardInterrupt):
-            run_revisions(lm, prompts, constitution, BASE, b_dir, progress=False)
+            run_revisions(lm, prompts, constitution, BASE, out_dir, progress=False)
+
+
+def test_resume_after_kill_equals_uninterrupted_run(lm, prompts, constitution, base_run, tmp_path, monkeypatch):
+    a_dir, a_rows = base_run
+    b_dir = tmp_path / "b"
+    _run_killed_on_second_batch(lm, prompts, constitution, b_dir, monkeypatch)
+    real, calls = rev.revise_batch, []
     assert [p.name for p in b_dir.glob("rows-*")] == ["rows-p000-b000000.jsonl"]
     assert not (b_dir / "DONE-p000").exists()
     # A half-written shard from the killed batch must not count as done.
     (b_dir / "rows-p000-b000001.tmp").write_text('{"id": "rt-0002", "prompt": "trunc')
     assert len(load_revisions(b_dir)) == 2
 
-    calls.clear()
     with monkeypatch.context() as m:
         m.setattr(rev, "revise_batch", lambda *a, **k: (calls.append(a[3]), real(*a, **k))[1])
         run_revisions(lm, prompts, constitution, BASE, b_dir, progress=False)
