@@ -5,9 +5,11 @@
                       num_steps=1000, batch_size=8, seq_len=256, seed=0, workdir=workdir)
 
 Writes `workdir/metrics.jsonl` (one row per step: loss, accuracy, tokens, grad_norm, lr,
-param_norm, tokens_per_s) and checkpoints (train state + data position). Called again with the
-same arguments, it resumes from the latest checkpoint and continues with exactly the batches and
-losses an uninterrupted run would have had.
+param_norm, tokens_in_batch, tokens_per_s of real tokens, and mfu on known accelerators) and
+checkpoints (train state + data position). Called again with the same arguments, it resumes from
+the latest checkpoint and continues with exactly the batches and losses an uninterrupted run
+would have had. The checkpoint / resume / metrics / non-finite machinery is `train.loop.run_steps`,
+shared with the PM trainer (`train.pm`).
 """
 
 from __future__ import annotations
@@ -25,20 +27,10 @@ import numpy as np
 
 from cai_jax.checkpoints.train_state import CheckpointConfig, Checkpointer
 from cai_jax.models import ModelConfig, Transformer
-from cai_jax.sharding import (
-    DEFAULT_RULES,
-    MeshConfig,
-    Rules,
-    batch_sharding,
-    global_batch,
-    make_mesh,
-    param_shardings,
-    process_shard,
-    shard_params,
-    sharded_init,
-)
-from cai_jax.train.loop import MetricsLogger, jit_train_step, state_shardings
-from cai_jax.train.state import OptimConfig, TrainState, make_optimizer
+from cai_jax.sharding import DEFAULT_RULES, MeshConfig, Rules, batch_sharding
+from cai_jax.train.flops import model_flops_per_token, resolve_peak_flops
+from cai_jax.train.loop import EpochBatcher, MetricsLogger, init_train_state, jit_train_step, run_steps
+from cai_jax.train.state import OptimConfig, TrainState
 from cai_jax.train.steps import sft_step
 
 __all__ = ["SFTBatcher", "train_sft"]
@@ -56,29 +48,54 @@ def _field(example: Any, name: str, i: int) -> Sequence[int]:
     return getattr(example, name)
 
 
-class SFTBatcher:
+class SFTBatcher(EpochBatcher):
     """Deterministic fixed-shape batches over SFT examples, with a resumable position.
 
-    Every example is right-padded (or truncated) to `seq_len`; `num_truncated` counts those longer
-    than `seq_len`. Each epoch visits the examples in the order `default_rng([seed, epoch])
-    .permutation(n)` in batches of `batch_size`; a final partial batch is dropped (static shapes),
-    so every example is seen once per epoch except the last `n % batch_size` of that epoch's order.
-    The position is (epoch, index): the index into that epoch's order of the next batch's first row.
+    Every example is truncated to `seq_len` (`num_truncated` counts those longer). Each epoch takes
+    the examples in the order `default_rng([seed, epoch]).permutation(n)`.
+
+    Unpacked (default): one example per row, right-padded; batches of `batch_size` consecutive
+    examples of that order, a final partial batch dropped (static shapes), so every example is
+    seen once per epoch except the last `n % batch_size` of that epoch's order.
+
+    Packed (`packing=True`): the epoch's examples, in that order, are packed greedily into rows of
+    `seq_len`: an example goes into the current row if it fits whole, else it starts a new row
+    (never split; a truncated example fills a row alone). Batches are `batch_size` consecutive
+    rows; leftover rows at the end of an epoch are dropped. Rows carry "segment_ids" (1..k for
+    the k examples of the row, 0 on padding) and "positions" (restarting at 0 for each example), so
+    attention stays within an example and RoPE sees each one from position 0: the loss of a packed
+    batch equals the loss of the same examples unpacked (`sft_loss_fn` also drops the cross-example
+    target at each boundary). Fewer, fuller rows: padding compute is traded for nothing.
+
+    The position is (epoch, index): the index of the next batch's first row in that epoch's row
+    order (examples unpacked, packed rows packed); see `EpochBatcher`.
 
     Batches: "tokens" int32 [B, L] (pad `pad_id`), "mask" int32 [B, L] (1 on real tokens),
-    "loss_mask" int32 [B, L] (1 on response tokens, 0 on padding).
+    "loss_mask" int32 [B, L] (1 on response tokens, 0 on padding); packed also "segment_ids" and
+    "positions" int32 [B, L].
     """
 
-    def __init__(self, examples: Sequence[Any], *, batch_size: int, seq_len: int, seed: int = 0, pad_id: int = 0):
+    def __init__(
+        self,
+        examples: Sequence[Any],
+        *,
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        pad_id: int = 0,
+        packing: bool = False,
+    ):
         n = len(examples)
         if batch_size < 1 or seq_len < 2:
             raise ValueError(f"need batch_size >= 1 and seq_len >= 2, got {batch_size} and {seq_len}")
         if n < batch_size:
             raise ValueError(f"{n} SFT examples cannot fill one batch of {batch_size}")
         self.batch_size, self.seq_len, self.seed = int(batch_size), int(seq_len), int(seed)
+        self.pad_id, self.packing = int(pad_id), bool(packing)
         self.tokens = np.full((n, seq_len), pad_id, np.int32)
         self.mask = np.zeros((n, seq_len), np.int32)
         self.loss_mask = np.zeros((n, seq_len), np.int32)
+        self.lengths = np.zeros(n, np.int64)
         self.num_truncated = 0
         for i, ex in enumerate(examples):
             ids, lm = _field(ex, "input_ids", i), _field(ex, "loss_mask", i)
@@ -91,11 +108,15 @@ class SFTBatcher:
             self.tokens[i, :k] = np.asarray(ids[:k], np.int32)
             self.mask[i, :k] = 1
             self.loss_mask[i, :k] = np.asarray(lm[:k], np.int32)
+            self.lengths[i] = k
         if self.num_truncated:
             log.warning(
                 "SFT: %d of %d examples are longer than seq_len=%d and were truncated", self.num_truncated, n, seq_len
             )
+        self._packed: tuple[int, list[list[int]]] | None = None  # (epoch, rows of example indices)
         self.epoch, self.index = 0, 0
+        if self.packing and len(self.rows(0)) < self.batch_size:
+            raise ValueError(f"{n} SFT examples pack into {len(self.rows(0))} rows, fewer than a batch of {batch_size}")
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -103,23 +124,53 @@ class SFTBatcher:
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self))
 
-    def state(self) -> dict:
-        """The position as a JSON dict (saved with each checkpoint)."""
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+    def rows(self, epoch: int) -> list[list[int]]:
+        """The example indices of each row of `epoch`, in row order (one example per row unpacked)."""
+        order = self._order(epoch)
+        if not self.packing:
+            return [[int(i)] for i in order]
+        if self._packed is None or self._packed[0] != epoch:
+            rows: list[list[int]] = []
+            used = self.seq_len  # forces a new row for the first example
+            for i in order.tolist():
+                if used + self.lengths[i] > self.seq_len:
+                    rows.append([])
+                    used = 0
+                rows[-1].append(i)
+                used += int(self.lengths[i])
+            self._packed = (epoch, rows)
+        return self._packed[1]
 
-    def restore(self, data_state: dict) -> None:
-        """Continues from a `state()`; a different seed is an error (it would be a different run)."""
-        if int(data_state["seed"]) != self.seed:
-            raise ValueError(f"checkpoint data seed {data_state['seed']} differs from this run's seed {self.seed}")
-        self.epoch, self.index = int(data_state["epoch"]), int(data_state["index"])
+    def _epoch_len(self, epoch: int) -> int:
+        return len(self.rows(epoch)) if self.packing else len(self)
+
+    def _state_extra(self) -> dict:
+        return {"packing": self.packing}
+
+    def _pack(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
+        b, l = len(rows), self.seq_len
+        out = {k: np.zeros((b, l), np.int32) for k in ("tokens", "mask", "loss_mask", "segment_ids", "positions")}
+        out["tokens"][:] = self.pad_id
+        for r, examples in enumerate(rows):
+            at = 0
+            for seg, i in enumerate(examples, start=1):
+                k = int(self.lengths[i])
+                cols = slice(at, at + k)
+                out["tokens"][r, cols] = self.tokens[i, :k]
+                out["mask"][r, cols] = 1
+                out["loss_mask"][r, cols] = self.loss_mask[i, :k]
+                out["segment_ids"][r, cols] = seg
+                out["positions"][r, cols] = np.arange(k)
+                at += k
+        return out
 
     def next(self) -> tuple[dict[str, np.ndarray], str]:
         """The next global batch (host numpy) and its id "epoch E index I"; advances the position."""
-        if self.index + self.batch_size > len(self):
-            self.epoch, self.index = self.epoch + 1, 0
-        rows = self._order(self.epoch)[self.index : self.index + self.batch_size]
-        batch_id = f"epoch {self.epoch} index {self.index}"
-        self.index += self.batch_size
+        epoch, index = self._advance()
+        batch_id = f"epoch {epoch} index {index}"
+        if self.packing:
+            return self._pack(self.rows(epoch)[index : index + self.batch_size]), batch_id
+        rows = self._order(epoch)[index : index + self.batch_size]
         return {"tokens": self.tokens[rows], "mask": self.mask[rows], "loss_mask": self.loss_mask[rows]}, batch_id
 
 
@@ -145,6 +196,8 @@ def train_sft(
     step_fn: Callable = sft_step,
     export_dir: str | os.PathLike | None = None,
     tokenizer: Any = None,
+    packing: bool = False,
+    peak_flops_per_device: float | str | None = "auto",
 ) -> TrainState:
     """Fine-tunes `model` on `examples` for `num_steps` steps (total, counting resumed ones).
 
@@ -163,6 +216,11 @@ def train_sft(
       step_fn: `step(state, batch, *, model, optimizer) -> (state, metrics)`; `sft_step` by default.
       export_dir: if given, the final params are written there as an HF-format folder
         (config.json + safetensors, plus `tokenizer` if given) that transformers loads.
+      packing: pack several examples per row (`SFTBatcher`); same loss, less padding.
+      peak_flops_per_device: for the "mfu" metric: "auto" looks the device up in
+        `train.flops.PEAK_FLOPS` (no MFU on CPU or unknown devices), a number is used as the
+        per-device peak FLOP/s, None reports no MFU. Model FLOPs per token are
+        `model_flops_per_token(cfg, seq_len)` (6N + attention, N including the logits matmul).
 
     Returns:
       The final train state (sharded on the mesh). If a checkpoint at or beyond `num_steps` exists,
@@ -177,53 +235,46 @@ def train_sft(
     workdir = os.fspath(workdir)
     if ckpt_cfg is None:
         ckpt_cfg = CheckpointConfig(directory=os.path.join(workdir, "checkpoints"), save_every_steps=max(num_steps, 1))
-    batcher = SFTBatcher(examples, batch_size=batch_size, seq_len=seq_len, seed=seed, pad_id=pad_id)
+    batcher = SFTBatcher(examples, batch_size=batch_size, seq_len=seq_len, seed=seed, pad_id=pad_id, packing=packing)
 
-    mesh = make_mesh(MeshConfig() if mesh_cfg is None else mesh_cfg)
     sample = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-    p_shardings = param_shardings(module, sample, mesh, rules)
-    if params is None:
-        params = sharded_init(module, jax.random.key(seed), sample, mesh, rules)
-    else:
-        params = shard_params(params, p_shardings)
-    optimizer = make_optimizer(ocfg, params)
-
-    def create(p):
-        return TrainState.create(p, optimizer, jax.random.key(seed))
-
-    shardings = state_shardings(jax.eval_shape(create, params), p_shardings, mesh)
-    state = jax.jit(create, out_shardings=shardings)(params)
+    state, shardings, optimizer, mesh = init_train_state(
+        module,
+        params,
+        sample,
+        optim_cfg=ocfg,
+        mesh_cfg=MeshConfig() if mesh_cfg is None else mesh_cfg,
+        rules=rules,
+        seed=seed,
+    )
     del params  # now owned by the state, which the first step donates
-
-    b_sharding = batch_sharding(mesh)
-    batch_shardings = {"tokens": b_sharding, "mask": b_sharding, "loss_mask": b_sharding}
     step = jit_train_step(
-        lambda s, b: step_fn(s, b, model=module, optimizer=optimizer), shardings, batch_shardings, mesh, rules
+        lambda s, b: step_fn(s, b, model=module, optimizer=optimizer), shardings, batch_sharding(mesh), mesh, rules
     )
 
+    peak = resolve_peak_flops(peak_flops_per_device)
+    cfg = getattr(module, "cfg", None)
+    flops = model_flops_per_token(cfg, seq_len) if isinstance(cfg, ModelConfig) else None
     ckpt = Checkpointer(ckpt_cfg)
-    logger = MetricsLogger(os.path.join(workdir, "metrics.jsonl"))
+    logger = MetricsLogger(
+        os.path.join(workdir, "metrics.jsonl"),
+        flops_per_token=flops,
+        peak_flops=None if peak is None else peak * mesh.devices.size,
+    )
     try:
-        if ckpt.latest_step() is not None:
-            target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-            state, data_state = ckpt.restore(target=target)
-            batcher.restore(data_state)
-            log.info("SFT: resumed from step %d (%s)", int(state.step), data_state)
-        start, last = int(jax.device_get(state.step)), int(num_steps)
-        lo, hi = process_shard(batch_size)
-        for i in range(start, last):
-            host_batch, batch_id = batcher.next()
-            data_state = batcher.state()
-            local = {k: v[lo:hi] for k, v in host_batch.items()}
-            state, metrics = step(state, global_batch(local, mesh))
-            extra = {"tokens_in_batch": int(host_batch["mask"].sum()), "batch_id": batch_id}
-            logger.push(i + 1, metrics, extra)  # fetches and checks step i's metrics
-            final = i + 1 == last
-            if final or ckpt.should_save(i + 1):
-                logger.flush()  # never save a state whose own step is unchecked
-                ckpt.save(i + 1, state, data_state, force=final)
-        logger.flush()
-        ckpt.wait()
+        state = run_steps(
+            step,
+            state,
+            batcher,
+            shardings=shardings,
+            mesh=mesh,
+            ckpt=ckpt,
+            logger=logger,
+            num_steps=num_steps,
+            batch_size=batch_size,
+            count_tokens=lambda b: int(b["mask"].sum()),
+            name="SFT",
+        )
     finally:
         logger.close()
         ckpt.close()

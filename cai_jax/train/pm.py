@@ -1,0 +1,456 @@
+"""The preference-model trainer (Bai et al. 2022, sec. 4.1; PMP from Askell et al. 2021, sec. 4).
+
+    rows = load_comparisons("feedback/comparisons.jsonl")      # or a list of dicts, a datasets folder
+    result = train_pm(lm.config, lm.params, rows, tokenizer=lm.tokenizer, optim_cfg=OptimConfig(lr=1e-5),
+                      num_steps=1000, batch_size=32, seq_len=512, seed=0, workdir=f"{run}/pm",
+                      eval_comparisons=held_out, export_dir=f"{run}/pm/export")
+    pm = load_pm(f"{run}/pm/export")                             # cai_jax.checkpoints.pm
+
+A comparison is {"prompt", "response_a", "response_b", "p_a"}: p_a = P(A is preferred), soft for AI
+feedback, 0/1 for human or PMP labels ("p" is accepted for p_a, as `cai.pmp.build_pmp_pairs`
+writes it). hh-rlhf rows {"chosen", "rejected"} (full "\\n\\nHuman: ...\\n\\nAssistant: ..."
+transcripts) become p_a = 1 comparisons whose prompt is the shared conversation before the last
+Assistant turn. The PM is a `ScalarModel` trained with `steps.pm_step` (binary cross-entropy of
+sigmoid(r_A - r_B) against p_a, plus optional reward centering).
+
+Training shares `train.loop.run_steps` with SFT: `workdir/metrics.jsonl`, checkpoints with the data
+position, exact resume, a FloatingPointError on a non-finite loss that leaves the last good
+checkpoint. At the end `workdir/eval.json` gets the held-out accuracy, log-loss, Brier score, ECE
+and reliability bins (`eval.pm.pm_metrics`) and the reward mean/std of the PM's scores over both
+sides of the training comparisons (`eval.pm.reward_stats`), which RL uses to normalise rewards;
+`export_dir` gets the PM artifact (`checkpoints.pm.save_pm`).
+
+How the launcher chains PMP and PM (`train_pmp_then_pm` does exactly this):
+
+    pmp = train_pm(cfg, lm_params, build_pmp_pairs(questions), workdir=f"{run}/pm/pmp", ...)
+    pm = train_pm(cfg, jax.device_get(pmp.state.params), comparisons, workdir=f"{run}/pm/pm", ...)
+
+The first call converts the LM params (drops an untied `lm_head`, initialises a fresh score head);
+the second starts from the PMP `ScalarModel` params {"backbone", "head"} as they are.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cai_jax.checkpoints.train_state import CheckpointConfig, Checkpointer
+from cai_jax.models import ModelConfig, ScalarModel
+from cai_jax.sharding import DEFAULT_RULES, MeshConfig, Rules, batch_sharding, global_batch, process_shard, with_rules
+from cai_jax.train.flops import model_flops_per_token, resolve_peak_flops
+from cai_jax.train.loop import MetricsLogger, init_train_state, jit_train_step, run_steps
+from cai_jax.train.pm_data import (
+    ComparisonError,
+    PMBatcher,
+    count_pair_tokens,
+    load_comparisons,
+    mix_comparisons,
+    pad_pairs,
+    tokenize_comparison,
+    tokenize_comparisons,
+    validate_comparison,
+)
+from cai_jax.train.state import OptimConfig, TrainState
+from cai_jax.train.steps import eval_pm_batch, pm_step
+
+__all__ = [
+    "ComparisonError",
+    "load_comparisons",
+    "validate_comparison",
+    "mix_comparisons",
+    "tokenize_comparison",
+    "tokenize_comparisons",
+    "PMBatcher",
+    "scalar_model_params",
+    "score_pairs",
+    "PMResult",
+    "train_pm",
+    "train_pmp_then_pm",
+]
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------- params
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(k, simple=True, separator="/"): tuple(np.shape(x)) for k, x in flat}
+
+
+def scalar_model_params(params: Any, cfg: ModelConfig, *, seed: int = 0) -> dict:
+    """`ScalarModel` params from LM params or from `ScalarModel` params.
+
+    LM params (a `Transformer` tree) become the backbone, without an untied model's `lm_head`
+    (a PM reads the final hidden state, never the logits), and get a fresh head initialised as
+    `ScalarModel` does (kernel N(0, 1e-3^2) [E, 1] from `key(seed)`, bias 0). Params that already
+    have {"backbone", "head"} (e.g. a PMP model) are returned as they are.
+
+    Raises:
+      ValueError: naming the paths that are missing, unexpected or of the wrong shape for `cfg`.
+    """
+    params = nn.meta.unbox(params)
+    if isinstance(params, Mapping) and set(params) == {"backbone", "head"}:
+        out = dict(params)
+    else:
+        backbone = {k: v for k, v in params.items() if k != "lm_head"}
+        kernel = nn.initializers.normal(1e-3)(jax.random.key(seed), (cfg.hidden_size, 1), cfg.jnp_param_dtype)
+        out = {"backbone": backbone, "head": {"kernel": kernel, "bias": jnp.zeros((1,), cfg.jnp_param_dtype)}}
+    tokens = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+    want = _shapes(nn.meta.unbox(jax.eval_shape(ScalarModel(cfg).init, jax.random.key(0), tokens)["params"]))
+    got = _shapes(out)
+    problems = [f"missing {p}" for p in sorted(set(want) - set(got))]
+    problems += [f"unexpected {p}" for p in sorted(set(got) - set(want))]
+    problems += [
+        f"{p} has shape {got[p]}, config implies {want[p]}" for p in sorted(set(got) & set(want)) if got[p] != want[p]
+    ]
+    if problems:
+        raise ValueError(f"params do not fit ScalarModel({cfg.model_type} config): " + "; ".join(problems[:8]))
+    return out
+
+
+# ---------------------------------------------------------------- scoring and the trainer
+
+
+def score_pairs(
+    params: Any,
+    module: ScalarModel,
+    arrays: Mapping[str, np.ndarray],
+    *,
+    batch_size: int,
+    mesh: jax.sharding.Mesh,
+    rules: Rules = DEFAULT_RULES,
+) -> dict[str, np.ndarray]:
+    """Scores both sides of every pair of `pad_pairs` arrays on `mesh`: {"r_a", "r_b"} float64 [N].
+
+    Batches of `batch_size` pairs (the last one padded with repeats of its first pair, dropped).
+    """
+    fn = _eval_fn(module, mesh)
+    n = arrays["p"].shape[0]
+    lo_p, hi_p = process_shard(batch_size)
+    r_a, r_b = [], []
+    for lo in range(0, n, batch_size):
+        idx = np.arange(lo, min(lo + batch_size, n))
+        idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[0])])
+        local = {k: arrays[k][idx][lo_p:hi_p] for k in ("tokens_a", "mask_a", "tokens_b", "mask_b")}
+        with with_rules(mesh, rules):
+            out = jax.device_get(fn(params, global_batch(local, mesh)))
+        keep = min(batch_size, n - lo)
+        r_a.append(np.asarray(out["r_a"], np.float64)[:keep])
+        r_b.append(np.asarray(out["r_b"], np.float64)[:keep])
+    return {"r_a": np.concatenate(r_a), "r_b": np.concatenate(r_b)}
+
+
+@functools.lru_cache(maxsize=4)
+def _eval_fn(module: ScalarModel, mesh: jax.sharding.Mesh) -> Callable:
+    return jax.jit(functools.partial(eval_pm_batch, model=module), out_shardings=NamedSharding(mesh, P()))
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return (
+            [_json_safe(v) for v in np.asarray(x).tolist()] if isinstance(x, np.ndarray) else [_json_safe(v) for v in x]
+        )
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+@dataclasses.dataclass
+class PMResult:
+    """What `train_pm` returns: the final train state and the report written to eval.json."""
+
+    state: TrainState
+    report: dict
+
+
+def _tokenized(rows: Any, tokenizer: Any, seq_len: int, rendering: str, name: str) -> list[dict]:
+    if isinstance(rows, Sequence) and rows and isinstance(rows[0], Mapping) and "input_ids_a" in rows[0]:
+        return list(rows)  # already tokenized
+    if tokenizer is None:
+        raise ValueError(f"{name}: text comparisons need a tokenizer (or rows with input_ids_a / input_ids_b)")
+    return tokenize_comparisons(load_comparisons(rows), tokenizer, seq_len=seq_len, rendering=rendering, name=name)
+
+
+def train_pm(
+    model_cfg: ModelConfig,
+    params: Any,
+    comparisons: Any,
+    *,
+    optim_cfg: OptimConfig | collections.abc.Mapping,
+    ckpt_cfg: CheckpointConfig | None = None,
+    mesh_cfg: Any = None,
+    num_steps: int,
+    batch_size: int,
+    seq_len: int,
+    seed: int = 0,
+    workdir: str | os.PathLike,
+    centering: float = 0.0,
+    eval_comparisons: Any = None,
+    export_dir: str | os.PathLike | None = None,
+    tokenizer: Any = None,
+    rendering: str = "chat",
+    rules: Rules = DEFAULT_RULES,
+    pad_id: int | None = None,
+    step_fn: Callable = pm_step,
+    reward_stats_max_pairs: int | None = None,
+    n_bins: int = 10,
+    peak_flops_per_device: float | str | None = "auto",
+) -> PMResult:
+    """Trains a preference model for `num_steps` steps (total, counting resumed ones), then evaluates it.
+
+    Args:
+      model_cfg: the backbone's config; the model is `ScalarModel(model_cfg)`.
+      params: LM params (converted by `scalar_model_params`), `ScalarModel` params (e.g. from PMP),
+        or None for a random init.
+      comparisons: anything `load_comparisons` reads (text; needs `tokenizer`), or rows already
+        tokenized by `tokenize_comparison`.
+      optim_cfg: `OptimConfig` or its config dict.
+      ckpt_cfg: default `workdir/checkpoints`, saving only the end.
+      mesh_cfg: mesh sizes (default all devices on the data axis).
+      num_steps, batch_size, seq_len, seed: run length, pairs per global batch, padded length of
+        each side, data order / head init / state rng seed.
+      workdir: metrics.jsonl, eval.json and the default checkpoints go here.
+      centering: `pm_loss`'s reward-centering coefficient.
+      eval_comparisons: held-out comparisons (same forms as `comparisons`) for accuracy and
+        calibration; None skips them.
+      export_dir: if given, the final PM is written there with `checkpoints.pm.save_pm` (with
+        the reward statistics and the eval summary).
+      tokenizer: tokenizes text comparisons; saved with the export.
+      rendering: "chat" (the tokenizer's chat template) or "transcript" (raw Human/Assistant).
+      rules: logical-axis rules.
+      pad_id: padding id (masked); default the tokenizer's pad / eos id, else 0.
+      step_fn: `step(state, batch, *, model, optimizer, centering) -> (state, metrics)`.
+      reward_stats_max_pairs: score at most this many training pairs (a seeded sample) for the
+        reward statistics; None scores all, 0 skips them.
+      n_bins: reliability bins.
+      peak_flops_per_device: for "mfu" in metrics.jsonl ("auto": `train.flops.PEAK_FLOPS`; None: off).
+        Model FLOPs per token count the backbone and the score head, not an LM head.
+
+    Returns:
+      `PMResult(state, report)`; `report` is what eval.json holds: {"steps", "train": {"pairs",
+      "truncated_sides"}, "reward_mean", "reward_std", "reward_count", "eval": pm_metrics or None,
+      "reliability_table"}.
+
+    Raises:
+      ComparisonError: a bad comparison row (before anything is trained).
+      FloatingPointError: a non-finite loss or gradient norm, naming the step and batch; the latest
+        checkpoint is the last one saved before it.
+    """
+    module = ScalarModel(model_cfg)
+    ocfg = optim_cfg if isinstance(optim_cfg, OptimConfig) else OptimConfig.from_config(optim_cfg)
+    workdir = os.fspath(workdir)
+    if ckpt_cfg is None:
+        ckpt_cfg = CheckpointConfig(directory=os.path.join(workdir, "checkpoints"), save_every_steps=max(num_steps, 1))
+    if pad_id is None:
+        from cai_jax.text import pad_id as tokenizer_pad_id
+
+        pad_id = tokenizer_pad_id(tokenizer) if tokenizer is not None else int(model_cfg.pad_token_id or 0)
+    train_pairs = _tokenized(comparisons, tokenizer, seq_len, rendering, "PM train")
+    eval_pairs = (
+        None if eval_comparisons is None else _tokenized(eval_comparisons, tokenizer, seq_len, rendering, "PM eval")
+    )
+    batcher = PMBatcher(train_pairs, batch_size=batch_size, seq_len=seq_len, seed=seed, pad_id=pad_id)
+
+    if params is not None:
+        params = scalar_model_params(params, model_cfg, seed=seed)
+    sample = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+    state, shardings, optimizer, mesh = init_train_state(
+        module,
+        params,
+        sample,
+        optim_cfg=ocfg,
+        mesh_cfg=MeshConfig() if mesh_cfg is None else mesh_cfg,
+        rules=rules,
+        seed=seed,
+    )
+    del params
+    step = jit_train_step(
+        lambda s, b: step_fn(s, b, model=module, optimizer=optimizer, centering=centering),
+        shardings,
+        batch_sharding(mesh),
+        mesh,
+        rules,
+    )
+
+    peak = resolve_peak_flops(peak_flops_per_device)
+    ckpt = Checkpointer(ckpt_cfg)
+    logger = MetricsLogger(
+        os.path.join(workdir, "metrics.jsonl"),
+        flops_per_token=model_flops_per_token(model_cfg, seq_len, lm_head=False, score_head=True),
+        peak_flops=None if peak is None else peak * mesh.devices.size,
+    )
+    try:
+        state = run_steps(
+            step,
+            state,
+            batcher,
+            shardings=shardings,
+            mesh=mesh,
+            ckpt=ckpt,
+            logger=logger,
+            num_steps=num_steps,
+            batch_size=batch_size,
+            count_tokens=count_pair_tokens,
+            name="PM",
+        )
+    finally:
+        logger.close()
+        ckpt.close()
+
+    report = _evaluate(
+        state.params,
+        module,
+        batcher,
+        eval_pairs,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        pad_id=pad_id,
+        mesh=mesh,
+        rules=rules,
+        seed=seed,
+        max_pairs=reward_stats_max_pairs,
+        n_bins=n_bins,
+    )
+    report["steps"] = int(jax.device_get(state.step))
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        path = os.path.join(workdir, "eval.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(_json_safe(report), f, indent=2)
+        os.replace(path + ".tmp", path)
+    if export_dir is not None:
+        _export(state.params, model_cfg, export_dir, tokenizer, report)
+    return PMResult(state, report)
+
+
+def _evaluate(
+    params, module, batcher, eval_pairs, *, batch_size, seq_len, pad_id, mesh, rules, seed, max_pairs, n_bins
+):
+    from cai_jax.eval.pm import pm_metrics, reliability_table, reward_stats
+
+    report: dict[str, Any] = {"train": {"pairs": len(batcher), "truncated_sides": int(batcher.num_truncated)}}
+    report.update(reward_mean=None, reward_std=None, reward_count=0, eval=None, reliability_table=None)
+    n = len(batcher) if max_pairs is None else min(int(max_pairs), len(batcher))
+    if n:
+        idx = np.arange(len(batcher))
+        if n < len(batcher):
+            idx = np.sort(np.random.default_rng([seed, 1]).choice(len(batcher), n, replace=False))
+        arrays = {k: v[idx] for k, v in batcher.arrays.items()}
+        scores = score_pairs(params, module, arrays, batch_size=batch_size, mesh=mesh, rules=rules)
+        stats = reward_stats(np.concatenate([scores["r_a"], scores["r_b"]]))
+        report.update(reward_mean=stats["mean"], reward_std=stats["std"], reward_count=2 * n)
+    if eval_pairs:
+        arrays, cut = pad_pairs(eval_pairs, seq_len, pad_id)
+        scores = score_pairs(params, module, arrays, batch_size=batch_size, mesh=mesh, rules=rules)
+        metrics = pm_metrics(scores["r_a"], scores["r_b"], arrays["p"], n_bins=n_bins)
+        report["eval"] = {**metrics, "truncated_sides": int(cut)}
+        report["reliability_table"] = reliability_table(metrics)
+        log.info(
+            "PM eval: accuracy %.4f, log-loss %.4f, ECE %.4f", metrics["accuracy"], metrics["log_loss"], metrics["ece"]
+        )
+    return report
+
+
+def _export(params, cfg: ModelConfig, folder, tokenizer, report: dict) -> None:
+    """Gathers (possibly sharded, multi-host) params and writes the PM artifact on process 0."""
+    from jax.experimental import multihost_utils
+
+    from cai_jax.checkpoints.pm import save_pm
+
+    host = multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1 else jax.device_get(params)
+    if jax.process_index() == 0:
+        stats = {"mean": report["reward_mean"], "std": report["reward_std"], "count": report["reward_count"]}
+        summary = None
+        if report["eval"] is not None:
+            summary = {k: report["eval"][k] for k in ("n", "accuracy", "log_loss", "brier", "ece")}
+        save_pm(
+            folder,
+            host,
+            cfg,
+            tokenizer=tokenizer,
+            reward_stats=stats,
+            metadata=_json_safe({"steps": report["steps"], "eval": summary}),
+        )
+
+
+def train_pmp_then_pm(
+    model_cfg: ModelConfig,
+    lm_params: Any,
+    pmp_pairs: Any,
+    comparisons: Any,
+    *,
+    workdir: str | os.PathLike,
+    pmp_steps: int,
+    pm_steps: int,
+    optim_cfg: OptimConfig | collections.abc.Mapping,
+    pmp_optim_cfg: OptimConfig | collections.abc.Mapping | None = None,
+    save_every_steps: int | None = None,
+    export_dir: str | os.PathLike | None = None,
+    **common: Any,
+) -> tuple[PMResult, PMResult]:
+    """PMP on `pmp_pairs` (hard labels, e.g. `build_pmp_pairs`) from the LM, then PM fine-tuning.
+
+    Stage folders: `workdir/pmp` and `workdir/pm` (each with metrics.jsonl, checkpoints,
+    eval.json). The PM stage starts from the PMP `ScalarModel` params; both resume independently
+    (a finished PMP stage is restored, not retrained). Reward statistics are computed only for
+    the PM stage, whose model is exported to `export_dir`.
+
+    Args:
+      common: the other `train_pm` keyword arguments (batch_size, seq_len, seed, tokenizer,
+        rendering, eval_comparisons, centering, ...), shared by both stages (eval_comparisons
+        only for the PM stage).
+
+    Returns:
+      (PMP result, PM result).
+    """
+    workdir = os.fspath(workdir)
+    eval_comparisons = common.pop("eval_comparisons", None)
+
+    def stage(name: str, steps: int) -> CheckpointConfig:
+        every = save_every_steps or max(steps, 1)
+        return CheckpointConfig(directory=os.path.join(workdir, name, "checkpoints"), save_every_steps=every)
+
+    pmp = train_pm(
+        model_cfg,
+        lm_params,
+        pmp_pairs,
+        optim_cfg=pmp_optim_cfg or optim_cfg,
+        ckpt_cfg=stage("pmp", pmp_steps),
+        num_steps=pmp_steps,
+        workdir=os.path.join(workdir, "pmp"),
+        reward_stats_max_pairs=0,
+        **common,
+    )
+    pmp_params = pmp.state.params  # sharded device arrays: fine on several hosts too
+    pm = train_pm(
+        model_cfg,
+        pmp_params,
+        comparisons,
+        optim_cfg=optim_cfg,
+        ckpt_cfg=stage("pm", pm_steps),
+        num_steps=pm_steps,
+        workdir=os.path.join(workdir, "pm"),
+        eval_comparisons=eval_comparisons,
+        export_dir=export_dir,
+        **common,
+    )
+    return pmp, pm
