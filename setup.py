@@ -27,9 +27,11 @@ setup(
         "huggingface_hub>=1.0",
         "jinja2>=3.1",
         "pyyaml>=6",
+        "matplotlib>=3.8",  # figures (Agg backend; no display needed)
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.17,<0.18"],
+        # tensorboardX: only so the TensorBoard export is tested (the launcher works without it).
+        "test": ["pytest>=8", "ruff>=0.17,<0.18", "tensorboardX>=2.6"],
         # Exact pin on purpose: any looser spec resolves to a multi-GB CUDA build of torch.
         # accelerate: transformers' own GGUF loader (the reference in scripts/make_goldens.py).
         "bench": ["torch==2.13.0", "accelerate"],

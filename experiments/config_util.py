@@ -1,0 +1,143 @@
+"""Config files: `configs/<name>.py[:arg]` -> ConfigDict, `--config.a.b=v` overrides, hashing.
+
+A config file defines `get_config(arg=None) -> ml_collections.ConfigDict` and optionally
+`sweep(arg=None) -> list[dict]`, each dict mapping dotted field names to values for one run (plus
+an optional "name"). Overrides and sweep entries may only name fields the config already has, and
+a value is cast to the field's type, so a typo or a wrong type is an error naming the field.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+__all__ = [
+    "ConfigError",
+    "apply_overrides",
+    "config_hash",
+    "load_config",
+    "load_config_module",
+    "parse_override",
+    "select",
+]
+
+
+class ConfigError(ValueError):
+    """A config file, override or sweep entry that cannot be used; the message names it."""
+
+
+def load_config_module(spec: str):
+    """Imports `path/to/config.py` (the part of `spec` before an optional ':arg')."""
+    path, _, _ = spec.partition(":")
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config {spec!r}: no such file {file}")
+    mod_spec = importlib.util.spec_from_file_location(f"_cai_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as e:  # a syntax or import error inside the user's file
+        raise ConfigError(f"--config {spec!r}: importing {file} failed: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config {spec!r}: {file} defines no get_config(arg=None)")
+    return module
+
+
+def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+    """`configs/demo.py[:arg]` -> its `get_config(arg)`, with `a.b=v` overrides applied."""
+    _, _, arg = spec.partition(":")
+    cfg = load_config_module(spec).get_config(arg or None)
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise ConfigError(f"--config {spec!r}: get_config returned {type(cfg).__name__}, not a ConfigDict")
+    return apply_overrides(cfg, [parse_override(o) for o in overrides])
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=v' (from `--config.a.b=v`) -> ("a.b", value); the value is a Python literal or a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r}: expected --config.<field>=<value>")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key, value
+
+
+def select(cfg: ml_collections.ConfigDict, dotted: str) -> tuple[ml_collections.ConfigDict, str]:
+    """The ConfigDict holding the field `dotted` and the field's own name; a missing one is an error."""
+    *parents, leaf = dotted.split(".")
+    node, walked = cfg, []
+    for name in parents:
+        walked.append(name)
+        if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+            raise ConfigError(f"config has no field {'.'.join(walked)!r} (while setting {dotted!r})")
+        node = node[name]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        have = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else "none"
+        raise ConfigError(f"config has no field {dotted!r} (fields there: {have})")
+    return node, leaf
+
+
+def _cast(old: Any, value: Any, dotted: str) -> Any:
+    if old is None or value is None or isinstance(old, ml_collections.ConfigDict):
+        return value
+    if isinstance(old, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif isinstance(old, int) and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif isinstance(old, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(old, str):
+        return value if isinstance(value, str) else str(value)
+    elif isinstance(old, (tuple, list)) and isinstance(value, (tuple, list)):
+        return type(old)(value)
+    elif type(old) is type(value):
+        return value
+    raise ConfigError(f"config field {dotted!r} is {type(old).__name__} ({old!r}); cannot set it to {value!r}")
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, items: Iterable[tuple[str, Any]]) -> ml_collections.ConfigDict:
+    """A copy of `cfg` with each (dotted field, value) set; unknown fields and bad types are errors."""
+    cfg = ml_collections.ConfigDict(cfg.to_dict(), type_safe=False)
+    for dotted, value in items:
+        node, leaf = select(cfg, dotted)
+        node[leaf] = _cast(node[leaf], value, dotted)
+    return cfg
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, ml_collections.ConfigDict):
+        x = x.to_dict()
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in sorted(x.items())}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    return x
+
+
+def to_json(cfg: Any) -> str:
+    """Canonical JSON of a config or a part of it (sorted keys), the input of `config_hash`."""
+    return json.dumps(_plain(cfg), sort_keys=True, indent=1)
+
+
+def config_hash(*parts: Any) -> str:
+    """A 16-hex-digit sha256 of the canonical JSON of `parts`."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(to_json(part).encode())
+        digest.update(b"\x00")
+    return digest.hexdigest()[:16]

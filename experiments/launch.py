@@ -1,0 +1,71 @@
+"""Runs a Constitutional AI pipeline, or some of its stages, from a config file.
+
+    python -m experiments.launch --config configs/demo.py --workdir runs/demo
+    python -m experiments.launch --config configs/base.py:arg --workdir runs/x --stages revisions,sft \
+        --config.sft.num_steps=20 --config.revisions.num_revisions=2
+
+Stages (DESIGN.md): revisions, sft, feedback, pm, ppo, eval, report. Finished stages whose config
+hash matches are skipped; an interrupted stage resumes where it stopped when the same command is
+run again. A workdir holding a different config's run is refused unless --overwrite (rerun the
+stages the change touches) or --fork NEW_WORKDIR (new folder, finished shared stages linked).
+Multi-host: set up `jax.distributed` (the usual cluster environment variables, or
+--coordinator/--num-processes/--process-id) and run the same command on every host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from experiments.config_util import ConfigError, load_config
+from experiments.pipeline import ORDER, StageError, WorkdirError, run_pipeline
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Overrides: --config.<a>.<b>=<value>")
+    p.add_argument("--config", required=True, help="configs/<name>.py[:arg]")
+    p.add_argument("--workdir", required=True, help="run folder (created; resumable)")
+    p.add_argument("--stages", default="all", help=f"comma-separated subset of: {','.join(ORDER)} (default all)")
+    p.add_argument("--overwrite", action="store_true", help="allow a changed config in an existing workdir")
+    p.add_argument("--fork", default=None, help="run in this new folder, reusing the workdir's shared stages")
+    p.add_argument(
+        "--reuse-from", action="append", default=[], help="link finished stages with the same hash from this workdir"
+    )
+    p.add_argument("--coordinator", default=None, help="jax.distributed coordinator host:port (multi-host)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--log-level", default="INFO")
+    args, rest = p.parse_known_args(argv)
+    overrides = []
+    for item in rest:
+        if not item.startswith("--config."):
+            p.error(f"unrecognized argument {item!r} (overrides look like --config.sft.num_steps=10)")
+        overrides.append(item[len("--config.") :])
+    return args, overrides
+
+
+def main(argv=None) -> int:
+    args, overrides = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from cai_jax.sharding import initialize_distributed
+
+    # Explicit flags, else COORDINATOR_ADDRESS/NUM_PROCESSES/PROCESS_ID, else a detected cluster.
+    initialize_distributed(
+        {"coordinator_address": args.coordinator, "num_processes": args.num_processes, "process_id": args.process_id}
+    )
+    try:
+        cfg = load_config(args.config, overrides)
+        run_pipeline(
+            cfg, args.workdir, stages=args.stages, overwrite=args.overwrite, fork=args.fork, reuse_from=args.reuse_from
+        )
+    except (ConfigError, StageError, WorkdirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""The stage graph of DESIGN.md and the run folder: which stages to run, which to skip, resume.
+
+    revisions -> sft -> feedback -> pm -> ppo -> eval -> report
+
+Each stage writes only into `<workdir>/<stage>/`. Its identity is a hash of the config sections
+it reads plus the hashes of the stages it reads from (`Stage.keys`, `Stage.deps`); mesh,
+checkpoint cadence and logging are left out, so a run can resume on a different mesh. A stage is
+skipped when `<stage>/DONE` holds its current hash. A stage folder started under another hash (a
+changed config under --overwrite) is cleared before the stage runs again; one started under the
+same hash is resumed by the stage's own engine (revision and feedback shards, orbax checkpoints).
+
+A workdir remembers its config in `config.json`. Launching a different config on it is refused
+unless `overwrite=True` (rerun the stages whose hash changed, keep the others) or `fork=<new
+workdir>` (start the new run elsewhere, linking the finished stages it shares with the old one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from experiments.config_util import config_hash, to_json
+
+__all__ = ["STAGES", "Stage", "StageError", "WorkdirError", "resolve_stages", "run_pipeline", "stage_hashes"]
+
+log = logging.getLogger(__name__)
+
+# Config sections that never change a stage's result (where and how it runs, not what it computes).
+UNHASHED = ("mesh", "checkpoint", "log")
+
+
+class StageError(ValueError):
+    """A stage name or stage selection that cannot run; the message names it."""
+
+
+class WorkdirError(RuntimeError):
+    """A workdir holding another config's run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    deps: tuple[str, ...]  # stages whose artifacts this one needs
+    keys: tuple[str, ...]  # top-level config sections it reads ("*" = all hashed sections)
+    optional: tuple[str, ...] = ()  # stages it reads when they ran (selected or finished), else skips
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("revisions", (), ("seed", "model", "constitution", "prompts", "revisions")),
+        Stage("sft", ("revisions",), ("seed", "model", "sft")),
+        Stage("feedback", ("sft",), ("seed", "model", "feedback_model", "constitution", "prompts", "feedback")),
+        Stage("pm", ("feedback",), ("seed", "model", "pm")),
+        Stage("ppo", ("sft", "pm"), ("seed", "prompts", "ppo")),
+        # eval and report use whatever ran: a sweep over revision settings can run
+        # revisions,eval,report with eval.scorer_pm pointing at another run's preference model.
+        Stage("eval", ("revisions",), ("seed", "eval"), optional=("sft", "feedback", "pm", "ppo")),
+        Stage("report", ("eval",), ("*",), optional=("revisions", "sft", "feedback", "pm", "ppo")),
+    )
+}
+ORDER = tuple(STAGES)
+
+
+def stage_hashes(cfg: ml_collections.ConfigDict, present: Callable[[str, str], bool] | None = None) -> dict[str, str]:
+    """Each stage's hash: its config sections and the hashes of the stages it reads.
+
+    `present(stage, hash)` says whether an optional dependency will be there (selected, or finished
+    in the workdir); None counts every optional dependency as present (a full run).
+    """
+    hashed = {k: v for k, v in cfg.to_dict().items() if k not in UNHASHED}
+    out: dict[str, str] = {}
+    for name in ORDER:
+        stage = STAGES[name]
+        keys = sorted(hashed) if stage.keys == ("*",) else stage.keys
+        missing = [k for k in keys if k not in hashed]
+        if missing:
+            raise StageError(f"stage {name!r} reads config section(s) {missing}, which the config lacks")
+        deps = list(stage.deps) + [d for d in stage.optional if present is None or present(d, out[d])]
+        out[name] = config_hash(name, {k: hashed[k] for k in keys}, {d: out[d] for d in sorted(deps)})
+    return out
+
+
+def used_deps(name: str, hashes: dict[str, str], present: Callable[[str, str], bool]) -> list[str]:
+    """The stages `name` reads in this launch: its required ones and the optional ones present."""
+    stage = STAGES[name]
+    return list(stage.deps) + [d for d in stage.optional if present(d, hashes[d])]
+
+
+def resolve_stages(requested: str | Sequence[str] | None) -> list[str]:
+    """'revisions,sft' / a list / None (all) -> stage names in graph order; unknown names are errors."""
+    if requested is None or requested == "" or requested == "all":
+        return list(ORDER)
+    names = [s.strip() for s in requested.split(",")] if isinstance(requested, str) else list(requested)
+    unknown = [s for s in names if s not in STAGES]
+    if unknown or not names:
+        raise StageError(f"unknown stage name(s) {unknown or names}; stages are: {', '.join(ORDER)}")
+    return [s for s in ORDER if s in names]
+
+
+def read_marker(folder: Path, name: str) -> dict | None:
+    path = folder / name
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def is_done(workdir: Path, stage: str, h: str) -> bool:
+    done = read_marker(workdir / stage, "DONE")
+    return done is not None and done.get("hash") == h
+
+
+def _changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "<missing>"), new.get(k, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_fields(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def prepare_workdir(cfg, workdir: Path, *, overwrite: bool = False, fork: str | os.PathLike | None = None) -> Path:
+    """Checks `workdir` against `cfg` (see module doc); returns the workdir to run in."""
+    new = json.loads(to_json(cfg))
+    old_file = workdir / "config.json"
+    if old_file.is_file():
+        old = json.loads(old_file.read_text())
+        if old != new and fork is None and not overwrite:
+            changed = _changed_fields(old, new)
+            raise WorkdirError(
+                f"{workdir} holds a run of a different config (changed: {', '.join(changed[:12])}"
+                f"{' ...' if len(changed) > 12 else ''}). Pass --overwrite to rerun the stages these "
+                "fields change there (finished stages they do not touch are kept), or --fork NEW_WORKDIR "
+                "to start the new run in another folder that reuses the finished stages it shares."
+            )
+    if fork is not None:
+        target = Path(fork)
+        if target.resolve() == workdir.resolve():
+            raise WorkdirError(f"--fork {target}: the fork must be a different folder than {workdir}")
+        if (target / "config.json").is_file() and json.loads((target / "config.json").read_text()) != new:
+            raise WorkdirError(f"--fork {target} already holds a run of another config")
+        link_finished(workdir, target, cfg)
+        workdir = target
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_json(workdir / "config.json", new)
+    return workdir
+
+
+def link_finished(source: Path, target: Path, cfg) -> list[str]:
+    """Links each stage `target` would compute under `cfg` that `source` finished with the same hash.
+
+    Returns the linked stage names. Stages `target` already has are left alone.
+    """
+    source, target = Path(source), Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    hashes = stage_hashes(cfg, lambda stage, h: is_done(source, stage, h))
+    linked = []
+    for name in ORDER:
+        if (target / name).exists() or (target / name).is_symlink() or not is_done(source, name, hashes[name]):
+            continue
+        os.symlink((source / name).resolve(), target / name, target_is_directory=True)
+        log.info("%s/%s is reused from %s", target, name, source)
+        linked.append(name)
+    return linked
+
+
+@dataclasses.dataclass
+class StageContext:
+    """What a stage function gets: the config, its folder, and the folders of the stages it reads."""
+
+    cfg: ml_collections.ConfigDict
+    workdir: Path
+    name: str
+    hashes: dict[str, str]
+    cache: dict  # shared across stages of one launch (loaded models)
+    deps: list[str] = dataclasses.field(default_factory=list)  # stages read in this launch
+
+    def has(self, name: str) -> bool:
+        """Whether stage `name`'s artifacts are part of this launch (optional dependencies)."""
+        return name in self.deps
+
+    @property
+    def dir(self) -> Path:
+        return self.workdir / self.name
+
+    def dep(self, name: str) -> Path:
+        return self.workdir / name
+
+
+def run_pipeline(
+    cfg: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    stages: str | Sequence[str] | None = None,
+    overwrite: bool = False,
+    fork: str | os.PathLike | None = None,
+    reuse_from: Sequence[str | os.PathLike] = (),
+    stage_fns: dict[str, Callable[[StageContext], dict]] | None = None,
+) -> dict[str, dict]:
+    """Runs the requested stages of the graph in order; returns {stage: DONE record}.
+
+    `reuse_from`: other workdirs whose finished stages with the same hash are linked, not rerun.
+
+    A requested stage whose dependency is neither finished (with the current hash) nor requested
+    is an error naming both. Only process 0 writes markers (multi-host runs share the workdir).
+    """
+    import jax
+
+    if stage_fns is None:
+        from experiments.stages import _stage_fns
+
+        stage_fns = _stage_fns()
+    selected = resolve_stages(stages)
+    workdir = prepare_workdir(cfg, Path(workdir), overwrite=overwrite, fork=fork)
+    for source in reuse_from:
+        link_finished(Path(source), workdir, cfg)
+
+    def present(stage: str, h: str) -> bool:
+        return stage in selected or is_done(workdir, stage, h)
+
+    hashes = stage_hashes(cfg, present)
+    for name in selected:
+        for dep in STAGES[name].deps:
+            if dep not in selected and not is_done(workdir, dep, hashes[dep]):
+                raise StageError(
+                    f"stage {name!r} reads stage {dep!r}, which is not finished for this config in {workdir}; "
+                    f"add {dep} to --stages"
+                )
+    primary = jax.process_index() == 0
+    cache: dict = {}
+    records: dict[str, dict] = {}
+    timings_file = workdir / "timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    for name in selected:
+        folder, h = workdir / name, hashes[name]
+        done = read_marker(folder, "DONE")
+        if done is not None and done.get("hash") == h:
+            log.info("stage %s: finished earlier with this config (hash %s), skipped", name, h)
+            records[name] = done
+            continue
+        started = read_marker(folder, "STARTED")
+        if folder.is_symlink() or (folder.exists() and (started is None or started.get("hash") != h)):
+            # Artifacts of another config: never mix them with this one's.
+            log.info("stage %s: clearing %s (made with another config)", name, folder)
+            if primary:
+                if folder.is_symlink():
+                    folder.unlink()
+                else:
+                    shutil.rmtree(folder)
+        resumed = started is not None and started.get("hash") == h
+        folder.mkdir(parents=True, exist_ok=True)
+        if primary and not resumed:
+            _write_json(folder / "STARTED", {"hash": h, "time": time.time()})
+        print(f"[launch] stage {name} ({'resuming' if resumed else 'starting'}; hash {h})", flush=True)
+        t0 = time.perf_counter()
+        ctx = StageContext(cfg, workdir, name, hashes, cache, used_deps(name, hashes, present))
+        try:
+            summary = stage_fns[name](ctx) or {}
+        finally:
+            # Models loaded by one stage are not kept for the next: on a 24 GB laptop, PPO's four
+            # models and optimizer state need the memory more than a reload (seconds) needs time.
+            cache.clear()
+            gc.collect()
+        seconds = time.perf_counter() - t0
+        record = {"hash": h, "seconds": round(seconds, 2), "resumed": resumed, "summary": summary}
+        timings[name] = {"seconds": round(seconds, 2), "resumed": resumed}
+        if primary:
+            _write_json(folder / "DONE", record)
+            _write_json(timings_file, timings)
+            if cfg.log.tensorboard and (folder / "metrics.jsonl").is_file():
+                from experiments.tensorboard import export_metrics
+
+                export_metrics(folder / "metrics.jsonl", workdir / "tensorboard" / name)
+            if not cfg.checkpoint.keep_after_done and (folder / "checkpoints").is_dir():
+                # Only needed to resume this stage; its exported artifacts are what later stages read.
+                shutil.rmtree(folder / "checkpoints")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"stage {name} done")
+        print(f"[launch] stage {name} finished in {seconds:.1f} s", flush=True)
+        records[name] = record
+    return records

@@ -1,0 +1,222 @@
+"""The report stage (figures + report.md of one run) and the cross-run summary of a sweep.
+
+Reads `eval/summary.json` (written by the eval stage; schema in experiments/eval_stage.py) and the
+DONE records of the other stages; draws the paper's figure analogues with experiments/figures.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from experiments import figures
+from experiments.pipeline import ORDER, StageContext, read_marker
+
+__all__ = ["stage_report", "sweep_report"]
+
+
+def _load(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return "NaN" if math.isnan(x) else f"{x:.3f}"
+    return str(x)
+
+
+def _md_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def run_figures(summary: dict, out: Path) -> dict[str, Path]:
+    """{caption: png} of the figures one run's eval summary supports."""
+    made: dict[str, Path] = {}
+    rev = summary.get("revision_scores")
+    if rev:
+        made["Fig. 5 analogue: harmlessness PM score of the response after each revision round"] = (
+            figures.fig_revisions(
+                {"harmlessness": rev["harmlessness"]["mean"]},
+                out / "fig5_revisions.png",
+                errors={"harmlessness": rev["harmlessness"]["stderr"]},
+            )
+        )
+    elo = summary.get("elo") or {}
+    steps = [m["ppo_step"] for m in summary.get("models", []) if m.get("ppo_step") is not None]
+    names = [m["name"] for m in summary.get("models", []) if m.get("ppo_step") is not None]
+    if elo and steps:
+        series, ci = {}, {}
+        for kind, table in elo.items():
+            series[f"{kind} Elo"] = [table[n]["elo"] for n in names]
+            ci[f"{kind} Elo"] = ([table[n]["lo"] for n in names], [table[n]["hi"] for n in names])
+        made["Fig. 8 analogue: Elo of the RL-CAI policy snapshots (PPO step 0 = SL-CAI) from AI comparisons"] = (
+            figures.fig_rl_training(steps, series, out / "fig8_elo.png", ci=ci, ylabel="Elo")
+        )
+    curve = summary.get("ppo_curve")
+    if curve and curve.get("iteration"):
+        made["Fig. 8 analogue: raw PM score of rollouts and KL to the reference during PPO"] = figures.fig_rl_training(
+            curve["iteration"],
+            {"PM score (raw)": curve["scores"], "KL (nats/sequence)": curve["kl"]},
+            out / "fig8_ppo_training.png",
+            ylabel="value",
+        )
+    cal = {}
+    if summary.get("pm_calibration"):
+        cal["PM vs held-out AI labels"] = summary["pm_calibration"]
+    for name, result in (summary.get("mc") or {}).items():
+        cal[f"feedback model on {name}"] = result["bins"]
+    if cal:
+        made["Fig. 9 analogue: calibration (predicted probability of the preferred answer vs frequency)"] = (
+            figures.fig_calibration(cal, out / "fig9_calibration.png", title="Calibration")
+        )
+    return made
+
+
+def run_tables(summary: dict, records: dict[str, dict]) -> dict[str, str]:
+    tables: dict[str, str] = {}
+    models = [m["name"] for m in summary.get("models", [])]
+    pm = summary.get("pm_scores") or {}
+    if pm:
+        kinds = sorted({k for v in pm.values() for k in v if not k.endswith("_stderr")})
+        rows = [[m] + [pm[m].get(k, float("nan")) for k in kinds] for m in models if m in pm]
+        tables["Mean PM score of each model's responses (held-out prompts)"] = _md_table(["model"] + kinds, rows)
+    for kind, table in (summary.get("elo") or {}).items():
+        rows = [[m, table[m]["elo"], f"[{table[m]['lo']:.0f}, {table[m]['hi']:.0f}]", table[m]["n"]] for m in table]
+        tables[f"{kind.capitalize()} Elo (AI comparisons; 95% bootstrap interval)"] = _md_table(
+            ["model", "Elo", "interval", "comparisons"], rows
+        )
+    gh = summary.get("goodhart") or {}
+    if gh:
+        rows = []
+        for m in models:
+            for kind, g in (gh.get(m) or {}).items():
+                rows.append(
+                    [
+                        m,
+                        kind,
+                        g.get("mean_chars"),
+                        g.get("refusal_rate"),
+                        g.get("boilerplate_rate"),
+                        g.get("evasive_rate"),
+                    ]
+                )
+        tables["Goodhart monitors"] = _md_table(
+            ["model", "prompts", "mean chars", "refusal rate", "boilerplate rate", "evasive rate"], rows
+        )
+    pm_eval = (records.get("pm") or {}).get("summary") or {}
+    if pm_eval.get("eval"):
+        e = pm_eval["eval"]
+        keys = [k for k in ("accuracy", "log_loss", "ece", "n") if k in e]
+        tables["Preference model on held-out AI-labelled comparisons"] = _md_table(keys, [[e[k] for k in keys]])
+    fb = (records.get("feedback") or {}).get("summary") or {}
+    if fb:
+        keys = sorted(k for k, v in fb.items() if isinstance(v, (int, float)))
+        tables["Feedback labels"] = _md_table(keys, [[fb[k] for k in keys]])
+    for name, result in (summary.get("mc") or {}).items():
+        keys = [k for k in ("n", "accuracy", "log_loss", "ece") if k in result]
+        tables[f"Multiple-choice eval: {name}"] = _md_table(keys, [[result[k] for k in keys]])
+    return tables
+
+
+def stage_report(ctx: StageContext) -> dict:
+    workdir = ctx.workdir
+    summary = _load(workdir / "eval" / "summary.json") or {}
+    records = {name: read_marker(workdir / name, "DONE") for name in ORDER if name != "report"}
+    records = {k: v for k, v in records.items() if v}
+    made = run_figures(summary, workdir / "figures")
+    tables = run_tables(summary, records)
+    timings = _load(workdir / "timings.json") or {}
+    stage_timings = {k: v["seconds"] if isinstance(v, dict) else v for k, v in timings.items() if k != "report"}
+    notes = [f"Stages run: {', '.join(records)} (hashes in each stage's DONE file)."]
+    for name, rec in records.items():
+        if rec.get("resumed"):
+            notes.append(f"Stage {name} was resumed after an interruption; its time counts the last attempt only.")
+    notes += summary.get("notes", [])
+    figures.write_report(
+        workdir / "report.md",
+        config=ctx.cfg.to_dict(),
+        stage_timings=stage_timings,
+        figures=made,
+        tables=tables,
+        notes=notes,
+    )
+    return {"figures": sorted(p.name for p in made.values()), "tables": sorted(tables)}
+
+
+# ---------------------------------------------------------------- sweeps
+
+
+def _summary(root: Path, name: str) -> dict:
+    return _load(root / name / "eval" / "summary.json") or {}
+
+
+def sweep_report(root: Path, runs: list[tuple[str, Any]], kind: str | None) -> Path:
+    """`<root>/sweep_report.md` with the cross-run figure of `kind` and a table of every run's key numbers."""
+    root = Path(root)
+    out = root / "figures"
+    made: dict[str, Path] = {}
+    sums = {name: _summary(root, name) for name, _ in runs}
+
+    def rounds(name):
+        rev = sums[name].get("revision_scores")
+        return rev["harmlessness"]["mean"] if rev else []
+
+    if kind == "principles":
+        data = {int(cfg.revisions.num_principles) or 16: {"harmlessness": rounds(name)} for name, cfg in runs}
+        made["Fig. 6 analogue: harmlessness PM score vs revision round, by number of principles"] = (
+            figures.fig_principles(data, out / "fig6_principles.png")
+        )
+    elif kind == "critique":
+        data = {cfg.revisions.mode: rounds(name) for name, cfg in runs}
+        made["Fig. 7 analogue: critiqued vs direct revisions"] = figures.fig_critique_vs_direct(
+            data, out / "fig7_critique_vs_direct.png"
+        )
+    elif kind == "revisions":
+        series: dict[str, list] = {}
+        for name, _ in runs:
+            for k, v in (sums[name].get("pm_scores", {}).get("sl-cai") or {}).items():
+                if not k.endswith("_stderr"):
+                    series.setdefault(k, []).append(v)
+        made["Fig. 5 analogue: PM scores of SL-CAI-n models (trained on revisions 1..n) vs n"] = figures.fig_revisions(
+            series, out / "fig5_sl_cai_n.png"
+        )
+    elif kind == "kl":
+        curves = {name: sums[name].get("ppo_curve") or {} for name, _ in runs}
+        steps = max((c.get("iteration", []) for c in curves.values()), key=len, default=[])
+        series = {
+            f"{name} PM score": c.get("scores", [])
+            for name, c in curves.items()
+            if len(c.get("scores", [])) == len(steps)
+        }
+        if steps:
+            made["PM score of rollouts during PPO, by KL coefficient"] = figures.fig_rl_training(
+                steps, series, out / "fig8_kl.png", ylabel="PM score (normalised)"
+            )
+    table_rows = {}
+    for name, _ in runs:
+        rec = read_marker(root / name / "pm", "DONE") or {}
+        pm_eval = (rec.get("summary") or {}).get("eval") or {}
+        s = sums[name]
+        row = {k: pm_eval[k] for k in ("accuracy", "log_loss", "ece") if k in pm_eval}
+        for model, scores in (s.get("pm_scores") or {}).items():
+            for k, v in scores.items():
+                if not k.endswith("_stderr") and model != "helpful":
+                    row[f"{model} {k}"] = v
+        table_rows[name] = row
+    tables = {
+        "Runs of the sweep (PM held-out metrics and mean PM scores of each model)": figures.label_ablation_table(
+            table_rows
+        )
+    }
+    return figures.write_report(
+        root / "sweep_report.md",
+        config={"runs": [name for name, _ in runs], "figure": kind},
+        stage_timings={},
+        figures=made,
+        tables=tables,
+        title=f"Sweep report ({kind or 'runs'})",
+    )

@@ -1,0 +1,204 @@
+"""Config files, overrides, sweeps and the stage graph's bookkeeping (no model runs here)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+from experiments import launch, sweep
+from experiments.config_util import ConfigError, apply_overrides, load_config, load_config_module, parse_override
+from experiments.pipeline import ORDER, StageError, WorkdirError, resolve_stages, run_pipeline, stage_hashes
+
+CONFIGS = sorted(
+    p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.py") if not p.name.startswith("_")
+)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_builds_and_every_sweep_expands(path):
+    cfg = load_config(str(path))
+    assert isinstance(cfg, ml_collections.ConfigDict)
+    for section in ("model", "prompts", "revisions", "sft", "feedback", "pm", "ppo", "eval", "mesh", "checkpoint"):
+        assert section in cfg, f"{path.name} lacks {section}"
+    hashes = stage_hashes(cfg)
+    assert set(hashes) == set(ORDER)
+    if hasattr(load_config_module(str(path)), "sweep"):
+        runs = sweep.expand(str(path))
+        assert len(runs) >= 2
+        assert len({name for name, _, _ in runs}) == len(runs)
+        assert len({json.dumps(c.to_dict(), sort_keys=True, default=str) for _, c, _ in runs}) == len(runs)
+
+
+def test_label_sweep_shares_upstream_stages():
+    runs = sweep.expand("configs/ablate_labels.py")
+    hashes = [stage_hashes(cfg) for _, cfg, _ in runs]
+    assert len({h["revisions"] for h in hashes}) == 1
+    assert len({h["sft"] for h in hashes}) == 1
+    assert len({h["feedback"] for h in hashes}) == len(runs)
+    assert len({h["ppo"] for h in hashes}) == len(runs)
+
+
+def test_unhashed_sections_do_not_change_stage_hashes():
+    cfg = load_config("configs/demo.py")
+    moved = apply_overrides(cfg, [("mesh.data", 2), ("checkpoint.save_every_steps", 3), ("log.progress", False)])
+    assert stage_hashes(cfg) == stage_hashes(moved)
+    changed = stage_hashes(apply_overrides(cfg, [("pm.num_steps", 99)]))
+    same = [s for s in ORDER if changed[s] == stage_hashes(cfg)[s]]
+    assert same == ["revisions", "sft", "feedback"]
+
+
+def test_overrides_cast_types_and_name_missing_fields():
+    cfg = load_config(
+        "configs/tiny.py", ["sft.num_steps=7", "pm.optim.lr=1", "feedback.label=hard", "log.progress=false"]
+    )
+    assert cfg.sft.num_steps == 7 and cfg.pm.optim.lr == 1.0 and isinstance(cfg.pm.optim.lr, float)
+    assert cfg.feedback.label == "hard" and cfg.log.progress is False
+    with pytest.raises(ConfigError, match="'sft.num_stepz'"):
+        load_config("configs/tiny.py", ["sft.num_stepz=3"])
+    with pytest.raises(ConfigError, match="'nothere'"):
+        load_config("configs/tiny.py", ["nothere.x=3"])
+    with pytest.raises(ConfigError, match="sft.num_steps"):
+        load_config("configs/tiny.py", ["sft.num_steps=abc"])
+    with pytest.raises(ConfigError, match="expected --config"):
+        parse_override("=3")
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config("configs/nope.py")
+
+
+def test_unknown_stage_is_a_clear_error(tmp_path):
+    with pytest.raises(StageError, match="unknown stage name.*'sfft'.*revisions, sft"):
+        resolve_stages("revisions,sfft")
+    assert resolve_stages("ppo,sft") == ["sft", "ppo"]
+    assert launch.main(["--config", "configs/tiny.py", "--workdir", str(tmp_path), "--stages", "bogus"]) == 2
+
+
+def test_cli_rejects_bad_override_and_missing_dependency(tmp_path, capsys):
+    assert launch.main(["--config", "configs/tiny.py", "--workdir", str(tmp_path / "a"), "--config.sft.nope=1"]) == 2
+    assert "sft.nope" in capsys.readouterr().err
+    assert launch.main(["--config", "configs/tiny.py", "--workdir", str(tmp_path / "b"), "--stages", "pm"]) == 2
+    assert "stage 'pm' reads stage 'feedback'" in capsys.readouterr().err
+
+
+def _fake_stages(calls):
+    def make(name):
+        def fn(ctx):
+            calls.append(name)
+            (ctx.dir / "artifact.txt").write_text(ctx.hashes[name])
+            return {"deps": list(ctx.deps)}
+
+        return fn
+
+    return {name: make(name) for name in ORDER}
+
+
+def test_workdir_skip_refuse_overwrite_and_fork(tmp_path):
+    cfg = load_config("configs/tiny.py")
+    calls: list[str] = []
+    fns = _fake_stages(calls)
+    work = tmp_path / "run"
+    run_pipeline(cfg, work, stage_fns=fns)
+    assert calls == list(ORDER)
+    assert json.loads((work / "config.json").read_text())["sft"]["num_steps"] == cfg.sft.num_steps
+    calls.clear()
+    run_pipeline(cfg, work, stage_fns=fns)
+    assert calls == []  # every stage finished with this config
+
+    other = apply_overrides(cfg, [("pm.num_steps", 9)])
+    with pytest.raises(WorkdirError, match="different config.*pm.num_steps.*--overwrite.*--fork"):
+        run_pipeline(other, work, stage_fns=fns)
+    run_pipeline(other, work, stage_fns=fns, fork=tmp_path / "fork")
+    assert calls == ["pm", "ppo", "eval", "report"]
+    assert (tmp_path / "fork" / "sft").is_symlink()
+    calls.clear()
+    run_pipeline(other, work, stage_fns=fns, overwrite=True)
+    assert calls == ["pm", "ppo", "eval", "report"]
+    assert json.loads((work / "config.json").read_text())["pm"]["num_steps"] == 9
+
+
+def test_interrupted_stage_resumes_in_place_and_stale_one_is_cleared(tmp_path):
+    cfg = load_config("configs/tiny.py")
+    calls: list[str] = []
+    fns = _fake_stages(calls)
+
+    def crash(ctx):
+        (ctx.dir / "partial.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg, tmp_path, stage_fns={**fns, "feedback": crash})
+    assert (tmp_path / "feedback" / "partial.txt").is_file() and not (tmp_path / "feedback" / "DONE").exists()
+
+    seen = {}
+
+    def resume(ctx):
+        seen["partial"] = (ctx.dir / "partial.txt").is_file()
+        return fns["feedback"](ctx)
+
+    run_pipeline(cfg, tmp_path, stage_fns={**fns, "feedback": resume})
+    assert seen["partial"] is True  # same config: the stage's own engine resumes from what is there
+    assert calls == list(ORDER)  # revisions and sft before the crash, the rest after
+    assert json.loads((tmp_path / "feedback" / "DONE").read_text())["resumed"] is True
+
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg, tmp_path / "b", stage_fns={**fns, "sft": crash})
+    changed = apply_overrides(cfg, [("sft.num_steps", 5)])
+    run_pipeline(changed, tmp_path / "b", stage_fns=fns, overwrite=True)
+    assert not (tmp_path / "b" / "sft" / "partial.txt").exists()  # another config's leftovers are cleared
+
+
+def test_optional_dependencies_of_eval(tmp_path):
+    cfg = load_config("configs/tiny.py")
+    calls: list[str] = []
+    run_pipeline(cfg, tmp_path, stages="revisions,eval,report", stage_fns=_fake_stages(calls))
+    assert calls == ["revisions", "eval", "report"]
+    done = json.loads((tmp_path / "eval" / "DONE").read_text())
+    assert done["summary"]["deps"] == ["revisions"]
+
+
+def test_sweep_runs_share_finished_stages(tmp_path, monkeypatch):
+    calls: list[tuple[str, str]] = []
+    import experiments.pipeline as pipeline
+
+    def fake_run(cfg, workdir, **kw):
+        fns = {}
+        for name in ORDER:
+
+            def fn(ctx, name=name):
+                calls.append((ctx.workdir.name, name))
+                return {}
+
+            fns[name] = fn
+        return pipeline.run_pipeline(cfg, workdir, stage_fns=fns, **kw)
+
+    monkeypatch.setattr(sweep, "run_pipeline", fake_run)
+    monkeypatch.setattr("experiments.report.sweep_report", lambda root, runs, kind: root / "sweep_report.md")
+    rc = sweep.main(
+        ["--config", "configs/ablate_labels.py:tiny", "--root", str(tmp_path), "--stages", "revisions,sft,feedback"]
+    )
+    assert rc == 0
+    assert [c for c in calls if c[1] in ("revisions", "sft")] == [("soft", "revisions"), ("soft", "sft")]
+    assert sum(1 for c in calls if c[1] == "feedback") == 5
+    assert (tmp_path / "hard" / "sft").is_symlink()
+
+
+def test_sweep_prints_one_command_per_run(capsys):
+    assert sweep.main(["--config", "configs/ablate_pmp.py", "--root", "runs/x", "--print-commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    assert "--config.pm.pmp.enabled=True" in lines[0] and "--config.pm.pmp.enabled=False" in lines[1]
+    assert "--reuse-from runs/x/pmp-on" in lines[1]
+
+
+def test_tensorboard_export_when_a_writer_is_installed(tmp_path):
+    from experiments import tensorboard
+
+    if tensorboard._writer_class() is None:
+        pytest.skip("neither tensorboardX nor torch.utils.tensorboard is installed")
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1, "loss": 2.0, "batch_id": "x"}, {"step": 2, "loss": float("nan")}, {"step": 2, "loss": 1.5}]
+    metrics.write_text("\n".join(json.dumps(r) for r in rows))
+    assert tensorboard.export_metrics(metrics, tmp_path / "tb") == 2  # step 2's repeat wins; strings skipped
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
