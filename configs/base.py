@@ -75,6 +75,7 @@ def get_config(arg=None):
 
     # ---------------------------------------------------------------- 1. revisions (SL-CAI data)
     c.revisions = dict(
+        num_prompts=0,  # first N training red-team prompts revised; 0 = all (feedback uses them all)
         num_revisions=4,  # critique -> revision rounds (paper: up to 4)
         num_principles=0,  # sample from the first k SL principles; 0 = all (paper ablation: 1..16)
         mode="critique",  # critique | direct (revise without a critique; paper Fig. 7)
@@ -181,6 +182,9 @@ def get_config(arg=None):
         elo_snapshots=(0, -1),  # PPO steps compared (besides the helpful and SL-CAI models); -1 = last
         elo_comparisons=1,  # AI comparisons per prompt and model pair
         n_bootstrap=200,  # Elo confidence-interval resamples
+        # Gaussian prior on Bradley-Terry log-strengths (natural-log units; 0.01 = std 10 nats,
+        # ~4000 Elo): keeps scores finite when a model wins every comparison of a resample.
+        elo_l2=0.01,
         mc_files=(),  # multiple-choice eval files in the paper's format (paths); () = none
         mc_max_questions=0,  # 0 = all questions of each file
         calibration_bins=10,  # reliability bins (Fig. 9)

@@ -139,6 +139,8 @@ def stage_revisions(ctx: StageContext) -> dict:
     constitution = load_constitution_from(ctx)
     red_train, _, red_report = load_prompt_split(ctx, "red_team")
     help_train, _, help_report = load_prompt_split(ctx, "helpful")
+    if int(r.num_prompts):
+        red_train = red_train[: int(r.num_prompts)]
     common = dict(
         temperature=float(r.temperature),
         top_p=float(r.top_p),
