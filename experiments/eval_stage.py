@@ -175,20 +175,14 @@ def elo_table(ctx: StageContext, kind: str, prompts: list[str], responses: dict[
     feedback_lm = feedback_model(ctx)
     labelled = label_pairs(feedback_lm, rows, constitution, settings=settings, rng=jax.random.key(stage_seed(ctx) + 7))
     comparisons = [(a, b, float(r["p_a"])) for (a, b), r in zip(pairs, labelled)]
-    l2 = float(ctx.cfg.eval.elo_l2)
-    while True:
-        try:
-            scores = elo_scores(
-                comparisons, anchor="helpful", n_bootstrap=int(ctx.cfg.eval.n_bootstrap), seed=stage_seed(ctx), l2=l2
-            )
-            break
-        except ValueError as e:
-            # A bootstrap resample where one model wins everything has no finite maximum; a
-            # stronger prior keeps the interval finite (the prior used is reported).
-            if "did not converge" not in str(e) or l2 >= 1.0:
-                raise
-            l2 *= 10
-    return {m: {"elo": s.elo, "lo": s.lo, "hi": s.hi, "n": s.n_comparisons, "l2": l2} for m, s in scores.items()}
+    scores = elo_scores(
+        comparisons,
+        anchor="helpful",
+        n_bootstrap=int(ctx.cfg.eval.n_bootstrap),
+        seed=stage_seed(ctx),
+        l2=float(ctx.cfg.eval.elo_l2),
+    )
+    return {m: {"elo": s.elo, "lo": s.lo, "hi": s.hi, "n": s.n_comparisons} for m, s in scores.items()}
 
 
 def feedback_model(ctx: StageContext):

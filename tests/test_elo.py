@@ -145,3 +145,19 @@ def test_fewer_than_two_models_and_malformed():
         elo_scores([("a", "b", 0.5)], level=1.0)
     with pytest.raises(ValueError, match="n_bootstrap"):
         elo_scores([("a", "b", 0.5)], n_bootstrap=-1)
+
+
+def test_near_even_soft_labels_converge_in_every_bootstrap_resample():
+    # Regression: soft labels close to 0.5 (a weak AI judge) left the gradient just above its
+    # tolerance where the line search could no longer see any decrease, and the fit gave up.
+    names = ["helpful", "sl-cai", "rl-cai@3", "rl-cai@6"]
+    rng = np.random.default_rng(0)
+    comps = [
+        (names[i], names[j], float(np.clip(0.5 + 0.05 * rng.standard_normal(), 0, 1)))
+        for i in range(4)
+        for j in range(i + 1, 4)
+        for _ in range(8)
+    ]
+    scores = elo_scores(comps, anchor="helpful", n_bootstrap=100, seed=5, l2=0.01)
+    assert all(np.isfinite([s.elo, s.lo, s.hi]).all() for s in scores.values())
+    assert all(s.lo <= s.elo <= s.hi for s in scores.values())

@@ -42,6 +42,10 @@ __all__ = ["ELO_PER_NAT", "EloScore", "elo_scores", "elo_win_probability", "fit_
 ELO_PER_NAT = 400.0 / math.log(10.0)  # Elo points per unit of log-strength (natural-log odds)
 _MAX_NEWTON_STEPS = 100
 _GRAD_TOL = 1e-10  # on the gradient per comparison; float64 Newton reaches it in a few steps
+# Stop when a Newton step's predicted decrease of the objective is below float64 resolution of the
+# objective itself: the line search can no longer see progress there (near-0.5 soft labels reach
+# this before _GRAD_TOL), and from so close the full Newton step is exact to float precision.
+_DECREMENT_TOL = 1e-14
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,11 +184,13 @@ def _newton(i_P, j_P, n_P, s_P, n_models: int, l2: float, fn: str) -> np.ndarray
         # (the gradient has no component along it, so the step keeps sum(theta) at 0).
         hess_MM += l2 * np.eye(n_models) + np.outer(ones_M, ones_M)
         step_M = np.linalg.solve(hess_MM, grad_M)
+        if 0.5 * float(grad_M @ step_M) <= _DECREMENT_TOL * max(1.0, abs(f)):
+            return theta_M + step_M
         t = 1.0
         while t > 1e-10:
             cand = theta_M + t * step_M
             f_cand = neg_obj(cand)
-            if f_cand <= f:
+            if f_cand < f:
                 break
             t *= 0.5
         else:  # no step decreases the objective: at the optimum to float64 precision
