@@ -377,3 +377,31 @@ def run_steps(
     logger.flush()
     ckpt.wait()
     return state
+
+
+def gather_to_host(tree: Any) -> Any:
+    """A (possibly sharded, multi-host) pytree as host numpy arrays on every process (for export)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+def open_run(
+    workdir: str | os.PathLike,
+    ckpt_cfg: Any,
+    mesh: jax.sharding.Mesh,
+    flops_per_token: float | None,
+    peak_flops_per_device: float | str | None,
+) -> tuple[Checkpointer, MetricsLogger]:
+    """The checkpointer and `workdir/metrics.jsonl` logger of a loop (MFU when the peak is known)."""
+    from cai_jax.train.flops import resolve_peak_flops
+
+    peak = resolve_peak_flops(peak_flops_per_device)
+    logger = MetricsLogger(
+        os.path.join(workdir, "metrics.jsonl"),
+        flops_per_token=flops_per_token,
+        peak_flops=None if peak is None else peak * mesh.devices.size,
+    )
+    return Checkpointer(ckpt_cfg), logger

@@ -48,11 +48,11 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cai_jax.checkpoints.train_state import CheckpointConfig, Checkpointer
+from cai_jax.checkpoints.train_state import CheckpointConfig
 from cai_jax.models import ModelConfig, ScalarModel
 from cai_jax.sharding import DEFAULT_RULES, MeshConfig, Rules, batch_sharding, global_batch, process_shard, with_rules
-from cai_jax.train.flops import model_flops_per_token, resolve_peak_flops
-from cai_jax.train.loop import MetricsLogger, init_train_state, jit_train_step, run_steps
+from cai_jax.train.flops import model_flops_per_token
+from cai_jax.train.loop import gather_to_host, init_train_state, jit_train_step, open_run, run_steps
 from cai_jax.train.pm_data import (
     ComparisonError,
     PMBatcher,
@@ -291,13 +291,8 @@ def train_pm(
         rules,
     )
 
-    peak = resolve_peak_flops(peak_flops_per_device)
-    ckpt = Checkpointer(ckpt_cfg)
-    logger = MetricsLogger(
-        os.path.join(workdir, "metrics.jsonl"),
-        flops_per_token=model_flops_per_token(model_cfg, seq_len, lm_head=False, score_head=True),
-        peak_flops=None if peak is None else peak * mesh.devices.size,
-    )
+    flops = model_flops_per_token(model_cfg, seq_len, lm_head=False, score_head=True)
+    ckpt, logger = open_run(workdir, ckpt_cfg, mesh, flops, peak_flops_per_device)
     try:
         state = run_steps(
             step,
@@ -372,11 +367,9 @@ def _evaluate(
 
 def _export(params, cfg: ModelConfig, folder, tokenizer, report: dict) -> None:
     """Gathers (possibly sharded, multi-host) params and writes the PM artifact on process 0."""
-    from jax.experimental import multihost_utils
-
     from cai_jax.checkpoints.pm import save_pm
 
-    host = multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1 else jax.device_get(params)
+    host = gather_to_host(params)
     if jax.process_index() == 0:
         stats = {"mean": report["reward_mean"], "std": report["reward_std"], "count": report["reward_count"]}
         summary = None

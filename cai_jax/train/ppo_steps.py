@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from cai_jax.losses import entropy_from_logits, gae, ppo_policy_loss, ppo_rewards, ppo_value_loss, whiten
 from cai_jax.scoring import token_logprobs
-from cai_jax.train.state import Optimizer, TrainState
+from cai_jax.train.state import Optimizer, TrainState, strict_fields
 from cai_jax.train.steps import _apply
 
 __all__ = ["PPOConfig", "policy_value_forward", "rollout_forward", "compute_advantages", "ppo_loss", "ppo_update"]
@@ -118,18 +118,7 @@ class PPOConfig:
         Raises:
           ValueError: naming every unknown field (a typo) and every missing one.
         """
-        d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        missing = [n for n in names if n not in d]
-        problems = []
-        if unknown:
-            problems.append(f"unknown field(s) {', '.join(map(repr, unknown))}")
-        if missing:
-            problems.append(f"missing field(s) {', '.join(map(repr, missing))}")
-        if problems:
-            raise ValueError(f"ppo config: {'; '.join(problems)} (fields: {', '.join(names)})")
-        return cls(**d)
+        return cls(**strict_fields(cls, cfg, "ppo"))
 
 
 def _head(head_params, h_BLE: jax.Array) -> jax.Array:

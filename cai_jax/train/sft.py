@@ -25,11 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cai_jax.checkpoints.train_state import CheckpointConfig, Checkpointer
+from cai_jax.checkpoints.train_state import CheckpointConfig
 from cai_jax.models import ModelConfig, Transformer
 from cai_jax.sharding import DEFAULT_RULES, MeshConfig, Rules, batch_sharding
-from cai_jax.train.flops import model_flops_per_token, resolve_peak_flops
-from cai_jax.train.loop import EpochBatcher, MetricsLogger, init_train_state, jit_train_step, run_steps
+from cai_jax.train.flops import model_flops_per_token
+from cai_jax.train.loop import EpochBatcher, gather_to_host, init_train_state, jit_train_step, open_run, run_steps
 from cai_jax.train.state import OptimConfig, TrainState
 from cai_jax.train.steps import sft_step
 
@@ -252,15 +252,9 @@ def train_sft(
         lambda s, b: step_fn(s, b, model=module, optimizer=optimizer), shardings, batch_sharding(mesh), mesh, rules
     )
 
-    peak = resolve_peak_flops(peak_flops_per_device)
     cfg = getattr(module, "cfg", None)
     flops = model_flops_per_token(cfg, seq_len) if isinstance(cfg, ModelConfig) else None
-    ckpt = Checkpointer(ckpt_cfg)
-    logger = MetricsLogger(
-        os.path.join(workdir, "metrics.jsonl"),
-        flops_per_token=flops,
-        peak_flops=None if peak is None else peak * mesh.devices.size,
-    )
+    ckpt, logger = open_run(workdir, ckpt_cfg, mesh, flops, peak_flops_per_device)
     try:
         state = run_steps(
             step,
@@ -285,10 +279,8 @@ def train_sft(
 
 def export_params(params: Any, cfg: ModelConfig, folder: str | os.PathLike, tokenizer: Any = None) -> None:
     """Gathers (possibly sharded, multi-host) params and writes an HF-format folder on process 0."""
-    from jax.experimental import multihost_utils
-
     from cai_jax.checkpoints.hf import save_hf_checkpoint
 
-    host = multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1 else jax.device_get(params)
+    host = gather_to_host(params)
     if jax.process_index() == 0:
         save_hf_checkpoint(folder, cfg, host, tokenizer=tokenizer)

@@ -47,6 +47,26 @@ SCHEDULES = ("constant", "cosine")
 _NO_DECAY_LEAF_NAMES = ("scale", "bias")
 
 
+def strict_fields(cls: type, cfg: Mapping[str, Any] | Any, section: str) -> dict[str, Any]:
+    """A config section (ConfigDict or mapping) as a dict of exactly `cls`'s dataclass fields.
+
+    Raises:
+      ValueError: naming every unknown field (a typo) and every missing one.
+    """
+    d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    missing = [n for n in names if n not in d]
+    problems = []
+    if unknown:
+        problems.append(f"unknown field(s) {', '.join(map(repr, unknown))}")
+    if missing:
+        problems.append(f"missing field(s) {', '.join(map(repr, missing))}")
+    if problems:
+        raise ValueError(f"{section} config: {'; '.join(problems)} (fields: {', '.join(names)})")
+    return d
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """Optimizer hyper-parameters (a config's `optim` sub-dict, converted by `from_config`).
@@ -103,18 +123,7 @@ class OptimConfig:
         Raises:
           ValueError: naming every unknown field (a typo) and every missing one.
         """
-        d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        missing = [n for n in names if n not in d]
-        problems = []
-        if unknown:
-            problems.append(f"unknown field(s) {', '.join(map(repr, unknown))}")
-        if missing:
-            problems.append(f"missing field(s) {', '.join(map(repr, missing))}")
-        if problems:
-            raise ValueError(f"optim config: {'; '.join(problems)} (fields: {', '.join(names)})")
-        return cls(**d)
+        return cls(**strict_fields(cls, cfg, "optim"))
 
 
 def make_schedule(ocfg: OptimConfig) -> Callable[[jax.Array], jax.Array]:
