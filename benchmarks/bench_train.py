@@ -90,10 +90,16 @@ def bench_ours(lm, sft_batch, pm_batch, steps, ocfg):
     return sft_s, _time(run_pm, steps)
 
 
-def bench_torch(folder, sft_batch, pm_batch, steps, ocfg):
+def bench_torch(folder, sft_batch, pm_batch, steps, ocfg, autocast=False):
+    """autocast: forward passes under `torch.autocast("cpu", torch.bfloat16)` (fp32 master weights,
+    AdamW in fp32), PyTorch's counterpart of our bf16 matmuls."""
+    import contextlib
+
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
+
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
@@ -105,10 +111,11 @@ def bench_torch(folder, sft_batch, pm_batch, steps, ocfg):
 
     def run_sft():
         opt.zero_grad(set_to_none=True)
-        logits = model(input_ids=tokens).logits
-        loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-        )
+        with amp():
+            logits = model(input_ids=tokens).logits
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), ocfg.grad_clip_norm)
         opt.step()
@@ -123,8 +130,9 @@ def bench_torch(folder, sft_batch, pm_batch, steps, ocfg):
 
     def run_pm():
         popt.zero_grad(set_to_none=True)
-        h = backbone(input_ids=both).last_hidden_state[:, -1]
-        r = head(h)[:, 0]
+        with amp():
+            h = backbone(input_ids=both).last_hidden_state[:, -1]
+            r = head(h)[:, 0].float()
         ra, rb = r.chunk(2)
         m = ra - rb
         loss = -(p * F.logsigmoid(m) + (1 - p) * F.logsigmoid(-m)).mean()
@@ -143,21 +151,28 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--remat", default="none", help="our remat policy (none | full | dots)")
     ap.add_argument("--dtype", default="float32", help="our matmul dtype (params stay fp32 master weights)")
+    ap.add_argument(
+        "--torch", default="fp32", help="reference precisions, comma-separated: fp32, autocast-bf16 (one row each)"
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    torch_modes = args.torch.split(",")
+    if not set(torch_modes) <= {"fp32", "autocast-bf16"}:
+        ap.error(f"--torch: expected fp32 and/or autocast-bf16, got {args.torch!r}")
     ocfg = OptimConfig(lr=1e-5, warmup_steps=0, weight_decay=0.01, grad_clip_norm=1.0)
     lm = load_pretrained(args.model, remat=args.remat, dtype=args.dtype)
     sft_batch, pm_batch = _batches(lm.config.vocab_size, args.batch, args.seq_len)
     ours = bench_ours(lm, sft_batch, pm_batch, args.steps, ocfg)
-    ref = bench_torch(lm.path, sft_batch, pm_batch, args.steps, ocfg)
+    refs = [bench_torch(lm.path, sft_batch, pm_batch, args.steps, ocfg, autocast=m != "fp32") for m in torch_modes]
     n = args.batch * args.seq_len
     rows = []
     import torch
     import transformers
 
+    ref_name = f"transformers {transformers.__version__} + torch {torch.__version__}"
     for name, (sft_s, pm_s) in (
         (f"cai_jax ({'fp32' if args.dtype == 'float32' else args.dtype + ' matmuls, fp32 params'})", ours),
-        (f"transformers {transformers.__version__} + torch {torch.__version__} (fp32)", ref),
+        *((f"{ref_name} ({m})", r) for m, r in zip(torch_modes, refs)),
     ):
         rows.append({"impl": name, "sft_tokens_per_s": n / sft_s, "pm_tokens_per_s": 2 * n / pm_s})
     meta = {
@@ -172,10 +187,12 @@ def main():
     print("|---|---:|---:|")
     for r in rows:
         print(f"| {r['impl']} | {r['sft_tokens_per_s']:.1f} | {r['pm_tokens_per_s']:.1f} |")
-    print(
-        f"\nspeedup: SFT {rows[0]['sft_tokens_per_s'] / rows[1]['sft_tokens_per_s']:.2f}x, "
-        f"PM {rows[0]['pm_tokens_per_s'] / rows[1]['pm_tokens_per_s']:.2f}x"
-    )
+    print()
+    for ref in rows[1:]:
+        print(
+            f"speedup vs {ref['impl']}: SFT {rows[0]['sft_tokens_per_s'] / ref['sft_tokens_per_s']:.2f}x, "
+            f"PM {rows[0]['pm_tokens_per_s'] / ref['pm_tokens_per_s']:.2f}x"
+        )
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 

@@ -367,8 +367,9 @@ def write_report(
       path: the .md file to write (parent folders are created).
       config: the resolved config (JSON-serialisable; other values are written with str()).
       stage_timings: {stage: wall-clock seconds}, in pipeline order.
-      figures: {caption: png path}; relative paths are taken relative to the report's folder,
-        absolute ones are rewritten relative to it. A missing file is listed as missing.
+      figures: {caption: png path}; a relative path is taken relative to the report's folder, or
+        to the working directory when only that resolves; links are written relative to the
+        report's folder. A missing file is listed as missing.
       tables: {title: markdown table}.
       notes: free-text lines, written as a list.
     """
@@ -396,7 +397,10 @@ def write_report(
     for caption, fig_path in _mapping("figures", figures).items():
         if not isinstance(fig_path, (str, os.PathLike)):
             raise ValueError(f"figures[{caption!r}] must be a path, got {fig_path!r}")
-        rel = Path(os.path.relpath(fig_path, path.parent)) if Path(fig_path).is_absolute() else Path(fig_path)
+        fig = Path(fig_path)
+        if not fig.is_absolute() and not (path.parent / fig).exists() and fig.exists():
+            fig = fig.absolute()  # a path relative to the working directory (e.g. runs/demo/figures/x.png)
+        rel = Path(os.path.relpath(fig, path.parent)) if fig.is_absolute() else fig
         if (path.parent / rel).exists():
             out += [f"### {caption}", "", f"![{caption}]({rel.as_posix()})", ""]
         else:

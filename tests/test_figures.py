@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -114,7 +116,7 @@ def test_label_ablation_table():
         label_ablation_table({"soft": 0.7})
 
 
-def test_write_report(tmp_path):
+def test_write_report(tmp_path, monkeypatch):
     fig = fig_revisions({"harmlessness": [0.0, 1.0]}, tmp_path / "figures" / "fig5.png")
     table = label_ablation_table({"soft": {"acc": 0.7}})
     report = write_report(
@@ -134,6 +136,18 @@ def test_write_report(tmp_path):
     assert "### Label ablation\n\n" + table in text
     assert "- demo run on CPU" in text
     assert '"name": "tiny"' in text and '"seed": 0' in text
+    # A workdir given relative to the working directory (runs/demo): the figure path the report
+    # stage passes is relative to the cwd, not to the report's folder; the link must still resolve.
+    monkeypatch.chdir(tmp_path)
+    fig_revisions({"harmlessness": [0.0, 1.0]}, Path("runs/demo/figures/fig5.png"))
+    rel = write_report(
+        Path("runs/demo/report.md"),
+        config={},
+        stage_timings={},
+        figures={"Fig 5": Path("runs/demo/figures/fig5.png"), "Fig 9": "figures/fig9.png"},
+        tables={},
+    ).read_text()
+    assert "![Fig 5](figures/fig5.png)" in rel and "(missing: `figures/fig9.png`)" in rel
     empty = write_report(tmp_path / "r2.md", config={}, stage_timings={}, figures={}, tables={}).read_text()
     assert "No stage ran." in empty and "No figures." in empty and "No tables." in empty
     with pytest.raises(ValueError, match=r"stage_timings\['sft'\] must be seconds"):
