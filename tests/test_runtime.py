@@ -17,15 +17,19 @@ glibc_linux = pytest.mark.skipif(
     sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc malloc tunables need glibc on Linux"
 )
 
-# Allocates, touches and frees a 256 MB buffer twice; prints the page faults of the second round.
-# Under glibc's defaults the buffer is a fresh mapping each time (~65k faults of 4 KB pages); with
-# the tunables the second round reuses the heap memory of the first.
+# Allocates, touches and frees a 256 MB buffer twice; prints the page faults of the second round
+# and the resident memory (MB) left after it. Under glibc's defaults the buffer is a fresh mapping
+# each time (~65k faults of 4 KB pages) and is given back on free; with the "fast" tunables the
+# second round reuses the heap memory of the first, which stays resident.
 _FAULTS = """
-import ctypes, resource
+import ctypes, os, resource
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 n = 256 << 20
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 def round_():
     p = libc.malloc(n)
     ctypes.memset(p, 1, n)
@@ -33,7 +37,7 @@ def round_():
 round_()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 round_()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, rss_mb())
 """
 
 
@@ -59,6 +63,11 @@ def test_wants_reexec_and_opt_out():
     assert not runtime.wants_reexec(_clean_env(GLIBC_TUNABLES=runtime.merged_tunables("")))
     assert not runtime.wants_reexec(_clean_env(**{runtime._APPLIED: "1"}))
     assert runtime.malloc_env(_clean_env(CAI_JAX_MALLOC="0")).get("GLIBC_TUNABLES") is None
+    bounded = runtime.malloc_env(_clean_env(CAI_JAX_MALLOC="bounded"))["GLIBC_TUNABLES"]
+    assert "glibc.malloc.mmap_threshold=33554432" in bounded and "mmap_max" not in bounded
+    assert runtime.wants_reexec(_clean_env(CAI_JAX_MALLOC="bounded"))
+    with pytest.raises(ValueError, match="CAI_JAX_MALLOC='quick': expected one of fast, bounded, 0"):
+        runtime.malloc_env(_clean_env(CAI_JAX_MALLOC="quick"))
 
 
 @glibc_linux
@@ -81,11 +90,15 @@ def test_reexec_replaces_the_process_once_with_the_tunables():
 
 @glibc_linux
 def test_tunables_stop_refaulting_freed_memory():
-    def faults(env):
+    def faults_and_rss(env):
         run = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True)
-        return int(run.stdout.strip())
+        faults, rss = run.stdout.split()
+        return int(faults), float(rss)
 
-    default = faults(_clean_env())
-    tuned = faults(runtime.malloc_env(_clean_env()))
-    assert default > 50_000, default  # 256 MB of 4 KB pages faulted in again
-    assert tuned < 5_000, tuned
+    default = faults_and_rss(_clean_env())
+    fast = faults_and_rss(runtime.malloc_env(_clean_env()))
+    bounded = faults_and_rss(runtime.malloc_env(_clean_env(CAI_JAX_MALLOC="bounded")))
+    assert default[0] > 50_000, default  # 256 MB of 4 KB pages faulted in again
+    assert fast[0] < 5_000, fast  # reused
+    assert fast[1] > default[1] + 200, (fast, default)  # and kept resident after free
+    assert bounded[1] < default[1] + 50, (bounded, default)  # "bounded" gives big chunks back
