@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.bench_sampler import _commit, _machine  # noqa: E402
 from cai_jax.models import ScalarModel, load_pretrained  # noqa: E402
+from cai_jax.train.pm import scalar_model_params  # noqa: E402
 from cai_jax.train.state import OptimConfig, TrainState, make_optimizer  # noqa: E402
 from cai_jax.train.steps import pm_step, sft_step  # noqa: E402
 
@@ -74,11 +75,7 @@ def bench_ours(lm, sft_batch, pm_batch, steps, ocfg):
 
     sft_s = _time(run_sft, steps)
     pm_model = ScalarModel(lm.config)
-    head = pm_model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"]["head"]
-    pm_params = {
-        "backbone": copy(lm.params),
-        "head": jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, head),
-    }
+    pm_params = scalar_model_params(copy(lm.params), lm.config, seed=1)
     pm_opt = make_optimizer(ocfg, pm_params)
     pm_state = {"s": TrainState.create(pm_params, pm_opt, jax.random.key(0))}
     pstep = jax.jit(functools.partial(pm_step, model=pm_model, optimizer=pm_opt), donate_argnums=0)

@@ -28,6 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 from benchmarks.bench_train import _batches  # noqa: E402
 from cai_jax.losses import pm_loss  # noqa: E402
 from cai_jax.models import ScalarModel, load_pretrained  # noqa: E402
+from cai_jax.train.pm import scalar_model_params  # noqa: E402
 from cai_jax.train.steps import pm_scores  # noqa: E402
 
 
@@ -36,8 +37,7 @@ def main(steps: int = 2):
     _, batch = _batches(lm.config.vocab_size, 8, 256)
     batch = jax.tree.map(jnp.asarray, batch)
     model = ScalarModel(lm.config)
-    head = model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"]["head"]
-    params = {"backbone": lm.params, "head": jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, head)}
+    params = scalar_model_params(lm.params, lm.config, seed=1)
 
     def loss_fn(p, b):
         r_a, r_b = pm_scores(p, b, model=model)

@@ -47,6 +47,7 @@ def worker(args):
     sys.path.insert(0, str(ROOT))
     from cai_jax.models import ScalarModel, load_pretrained
     from cai_jax.models.llama import MLP, Block
+    from cai_jax.train.pm import scalar_model_params
     from cai_jax.train.state import OptimConfig, TrainState, make_optimizer
     from cai_jax.train.steps import pm_step, sft_step
 
@@ -107,11 +108,7 @@ def worker(args):
             del st
         if "pm" in whats:
             pm_model = ScalarModel(cfg)
-            head = pm_model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"]["head"]
-            pm_params = {
-                "backbone": copy(lm.params),
-                "head": jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, head),
-            }
+            pm_params = scalar_model_params(copy(lm.params), cfg, seed=1)
             popt = make_optimizer(ocfg, pm_params)
             ps = {"s": TrainState.create(pm_params, popt, jax.random.key(0))}
             pstep = jax.jit(functools.partial(pm_step, model=pm_model, optimizer=popt), donate_argnums=0)
