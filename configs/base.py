@@ -11,14 +11,16 @@ for tests, `llama8b_gpu8.py` grows it to a mesh. Stage order: revisions -> sft -
 import ml_collections
 
 
-def optim(lr: float, steps: int, warmup: int = 0) -> ml_collections.ConfigDict:
+def optim(lr: float, warmup: int = 0) -> ml_collections.ConfigDict:
     """An `optim` sub-dict (fields of cai_jax.train.state.OptimConfig)."""
     return ml_collections.ConfigDict(
         dict(
             lr=lr,  # peak learning rate per update
             warmup_steps=warmup,  # updates of linear warmup
             schedule="cosine",  # constant | cosine (after warmup)
-            total_steps=max(steps, warmup + 1),  # updates; the cosine floor is reached here
+            # updates; the cosine floor is reached here. 0 = where the stage's own updates end
+            # (derived from its step counts); a positive value overrides that.
+            total_steps=0,
             min_lr_ratio=0.1,  # cosine floor as a fraction of lr
             weight_decay=0.0,  # decoupled AdamW decay (matrices only)
             b1=0.9,  # Adam first-moment decay
@@ -90,7 +92,7 @@ def get_config(arg=None):
 
     # ---------------------------------------------------------------- 2. sft (SL-CAI model)
     c.sft = dict(
-        revision_round=-1,  # SL-CAI-n: use revisions of rounds 1..n; -1 = all rounds
+        revision_round=-1,  # SL-CAI-n: revisions of rounds 1..n (0 = the initial answers); -1 = all rounds
         final_only=False,  # True: only the last round's revision per prompt
         helpful_ratio=0.5,  # helpful samples per harmlessness example
         rendering="chat",  # how (prompt, response) pairs are tokenized
@@ -98,12 +100,17 @@ def get_config(arg=None):
         batch_size=8,  # sequences per update (global)
         seq_len=256,  # tokens per sequence (pad/truncate, or pack)
         packing=False,  # pack several examples per row (segment-aware attention)
-        optim=optim(1e-5, 100, warmup=10),
+        optim=optim(1e-5, warmup=10),
     )
 
     # ---------------------------------------------------------------- 3. feedback (AI labels)
     c.feedback = dict(
         num_prompts=0,  # red-team prompts labelled; 0 = all training prompts
+        # Also label pairs on the helpful prompts under the helpfulness questions (the PM's
+        # helpfulness half when pm.helpful_source = "feedback").
+        label_helpful=True,
+        num_helpful_prompts=0,  # helpful prompts labelled; 0 = all training helpful prompts
+        helpful_constitution="helpfulness",  # shipped name or file of the helpfulness questions
         label="soft",  # soft | hard | cot (chain of thought)
         cot_clamp="none",  # cot only: none | 20-80 | 40-60 (clamp of the answer probability)
         cot_samples=1,  # cot only: reasoning samples averaged
@@ -111,12 +118,17 @@ def get_config(arg=None):
         num_principles=1,  # feedback principles ensembled per comparison
         principle_limit=0,  # sample from the first k feedback principles; 0 = all
         swap=True,  # also score with A/B swapped and average (cancels position bias)
+        swap_average="logit",  # logit (cancels a constant position bias exactly) | prob
         num_few_shots=0,  # constitution MC few-shots prepended
         rendering="raw",  # raw ("\n\nHuman:" transcript, base models) | chat: how the feedback model sees the question
         temperature=1.0,  # policy sampling temperature for the two responses (paper: 1)
         top_p=1.0,
         max_new_tokens=96,  # per sampled response
         batch_size=16,  # prompts per batch and output shard
+        scoring_batch_size=16,  # question+option sequences per judge call
+        cot_temperature=1.0,  # cot only: reasoning sampling temperature
+        # cot only: the reasoning ends at the first of these strings
+        cot_stop_strings=("The answer is", "the answer is", "\n\nHuman:", "\n\nConsider the following"),
     )
 
     # ---------------------------------------------------------------- 4. pm (PMP + preference model)
@@ -126,17 +138,22 @@ def get_config(arg=None):
             source="shipped",  # shipped (project-made sample) | StackExchange-style file/folder/hub name
             max_pairs_per_question=4,  # pairs kept per question
             num_steps=50,  # updates
-            optim=optim(1e-5, 50, warmup=5),
+            optim=optim(1e-5, warmup=5),
         ),
-        helpful_source="",  # "" = none; hh-rlhf-style {chosen, rejected} file mixed in with p = 1
-        helpful_fraction=0.0,  # share of helpfulness comparisons in the PM mix
+        # Helpfulness comparisons mixed into the PM's data (harmless but not evasive): "feedback" =
+        # the feedback stage's AI labels on helpful prompts; or an hh-rlhf-style {chosen, rejected}
+        # file (p = 1); "" = none (a PM of harmlessness only).
+        helpful_source="feedback",
+        # Share of helpfulness comparisons in the PM mix. The paper's PM data: 135,296 human
+        # helpfulness and 182,831 AI harmlessness comparisons, a share of 0.43.
+        helpful_fraction=0.4,
         centering=0.0,  # reward-centering coefficient (0 disables)
         num_steps=100,  # updates on the AI comparisons
         batch_size=8,  # pairs per update
         seq_len=320,  # tokens per prompt+response (prompt truncated from the left)
         rendering="chat",  # how the PM reads (prompt, response)
         eval_fraction=0.2,  # comparisons held out for accuracy / calibration
-        optim=optim(1e-5, 100, warmup=10),
+        optim=optim(1e-5, warmup=10),
     )
 
     # ---------------------------------------------------------------- 5. ppo (RL-CAI)
@@ -167,7 +184,7 @@ def get_config(arg=None):
         pm_retokenize=True,  # PM with another vocabulary: re-encode the text (False: error)
         sample_every=5,  # iterations between sample dumps (ppo/samples.jsonl); 0 disables
         num_samples_logged=4,  # samples per dump
-        optim=optim(1e-6, 40, warmup=0),  # one optimizer for policy and value; a step = one minibatch
+        optim=optim(1e-6, warmup=0),  # one optimizer for policy and value; a step = one minibatch
     )
 
     # ---------------------------------------------------------------- 6. eval, figures, report

@@ -31,10 +31,10 @@ def get_config(arg=None):
         helpful_max_new_tokens=64,
         batch_size=18,
     )
-    c.sft.update(num_steps=12, batch_size=4, seq_len=256, packing=True, optim=base.optim(2e-5, 12, warmup=2))
+    c.sft.update(num_steps=12, batch_size=4, seq_len=256, packing=True, optim=base.optim(2e-5, warmup=2))
     c.feedback.update(temperature=0.8, max_new_tokens=48, batch_size=15, rendering="chat")
-    c.pm.pmp.update(num_steps=6, max_pairs_per_question=2, optim=base.optim(2e-5, 6, warmup=1))
-    c.pm.update(num_steps=10, batch_size=4, seq_len=192, eval_fraction=0.3, optim=base.optim(5e-5, 10, warmup=1))
+    c.pm.pmp.update(num_steps=6, max_pairs_per_question=2, optim=base.optim(2e-5, warmup=1))
+    c.pm.update(num_steps=10, batch_size=4, seq_len=192, eval_fraction=0.3, optim=base.optim(5e-5, warmup=1))
     c.ppo.update(
         num_iterations=6,
         rollout_batch_size=8,
@@ -44,7 +44,7 @@ def get_config(arg=None):
         max_new_tokens=40,
         temperature=0.8,
         sample_every=2,
-        optim=base.optim(2e-6, 12),
+        optim=base.optim(2e-6),
     )
     c.eval.update(num_prompts=8, max_new_tokens=48, temperature=0.7, elo_snapshots=(0, 3, -1), n_bootstrap=100)
     return c

@@ -29,10 +29,10 @@ def get_config(arg=None):
     c.checkpoint.update(save_every_steps=200, keep_last=2)
     c.prompts.update(num_red_team=0, num_helpful=0, eval_fraction=0.1)  # every shipped (or given) prompt
     c.revisions.update(num_revisions=4, batch_size=64, max_new_tokens=256, helpful_max_new_tokens=256)
-    c.sft.update(num_steps=2000, batch_size=64, seq_len=1024, packing=True, optim=base.optim(1e-5, 2000, warmup=100))
+    c.sft.update(num_steps=2000, batch_size=64, seq_len=1024, packing=True, optim=base.optim(1e-5, warmup=100))
     c.feedback.update(batch_size=64, max_new_tokens=256, num_principles=4, swap=True)
-    c.pm.pmp.update(num_steps=2000, optim=base.optim(1e-5, 2000, warmup=100))
-    c.pm.update(num_steps=2000, batch_size=64, seq_len=1024, optim=base.optim(5e-6, 2000, warmup=100))
+    c.pm.pmp.update(num_steps=2000, optim=base.optim(1e-5, warmup=100))
+    c.pm.update(num_steps=2000, batch_size=64, seq_len=1024, optim=base.optim(5e-6, warmup=100))
     c.ppo.update(
         num_iterations=500,
         rollout_batch_size=256,
@@ -41,7 +41,7 @@ def get_config(arg=None):
         ppo_epochs=2,
         max_new_tokens=256,
         generation_batch_size=128,
-        optim=base.optim(1e-6, 1000, warmup=20),
+        optim=base.optim(1e-6, warmup=20),
     )
     c.eval.update(num_prompts=256, max_new_tokens=256, elo_snapshots=(0, 100, 250, -1), n_bootstrap=1000)
     return c

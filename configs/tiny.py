@@ -23,10 +23,10 @@ def get_config(arg=None):
     c.prompts.num_helpful = 4
     c.prompts.eval_fraction = 0.5
     c.revisions.update(num_revisions=2, max_new_tokens=8, helpful_max_new_tokens=8, batch_size=4)
-    c.sft.update(num_steps=4, batch_size=4, seq_len=96, optim=base.optim(1e-3, 4))
+    c.sft.update(num_steps=4, batch_size=4, seq_len=96, optim=base.optim(1e-3))
     c.feedback.update(max_new_tokens=8, batch_size=4)
-    c.pm.pmp.update(num_steps=2, max_pairs_per_question=1, optim=base.optim(1e-3, 2))
-    c.pm.update(num_steps=4, batch_size=2, seq_len=96, eval_fraction=0.5, optim=base.optim(1e-3, 4))
+    c.pm.pmp.update(num_steps=2, max_pairs_per_question=1, optim=base.optim(1e-3))
+    c.pm.update(num_steps=4, batch_size=2, seq_len=96, eval_fraction=0.5, optim=base.optim(1e-3))
     c.ppo.update(
         num_iterations=3,
         rollout_batch_size=4,
@@ -35,7 +35,7 @@ def get_config(arg=None):
         ppo_epochs=1,
         max_new_tokens=8,
         sample_every=1,
-        optim=base.optim(1e-4, 6),
+        optim=base.optim(1e-4),
     )
     c.eval.update(num_prompts=2, max_new_tokens=8, n_bootstrap=20, elo_snapshots=(0, 1, -1))
     c.log.tensorboard = False

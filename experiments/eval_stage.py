@@ -36,6 +36,8 @@ from experiments.stages import (
     load_base_model,
     load_constitution_from,
     load_exported,
+    load_helpful_constitution,
+    load_judge,
     load_prompt_split,
     read_jsonl,
     stage_seed,
@@ -43,10 +45,6 @@ from experiments.stages import (
 )
 
 KIND_SEEDS = {"harmlessness": 0, "helpfulness": 1}
-# The helpfulness question of the Elo comparisons (the constitution's principles are about harm).
-HELPFULNESS_PRINCIPLE = (
-    "Which of these assistant responses answers the human's request more helpfully, accurately and completely?"
-)
 
 
 def _part(ctx: StageContext, name: str, fn) -> Any:
@@ -72,19 +70,13 @@ def scorer_pm(ctx: StageContext):
     return ctx.cache[key]
 
 
-def pm_scores(ctx: StageContext, pm, prompts: list[str], responses: list[str]) -> np.ndarray:
-    """Normalised PM scores (raw - reward_mean) / reward_std of (prompt, response) texts."""
-    from cai_jax.cai.sft_data import tokenize_pair
+def pm_scores(pm, prompts: list[str], responses: list[str]) -> np.ndarray:
+    """Normalised PM scores (raw - reward_mean) / reward_std of (prompt, response) texts.
 
-    limit = int(ctx.cfg.pm.seq_len)
-    ids = []
-    for prompt, response in zip(prompts, responses):
-        seq, _ = tokenize_pair(pm.tokenizer, prompt, response, ctx.cfg.pm.rendering)
-        ids.append(seq[-limit:])
-    pad = pm.tokenizer.pad_token_id if pm.tokenizer.pad_token_id is not None else 0
-    raw = pm.score(ids, batch_size=8, pad_id=pad)
-    std = pm.reward_std if pm.reward_std else 1.0
-    return (raw - (pm.reward_mean or 0.0)) / std
+    The texts are encoded as the PM's own training encoded them (`LoadedPM.score_texts`: the
+    rendering and sequence length its artifact records), whichever run's PM it is.
+    """
+    return pm.normalize(pm.score_texts(prompts, responses))
 
 
 def _mean_stderr(x: np.ndarray) -> tuple[float, float]:
@@ -103,7 +95,7 @@ def revision_scores(ctx: StageContext, pm) -> dict:
     means, errs = [], []
     for r in range(n + 1):
         responses = [row["initial_response"] if r == 0 else row["rounds"][r - 1]["revision"] for row in rows]
-        m, e = _mean_stderr(pm_scores(ctx, pm, [row["prompt"] for row in rows], responses))
+        m, e = _mean_stderr(pm_scores(pm, [row["prompt"] for row in rows], responses))
         means.append(m)
         errs.append(e)
     return {"rounds": list(range(n + 1)), "harmlessness": {"mean": means, "stderr": errs, "n": len(rows)}}
@@ -127,14 +119,13 @@ def snapshot_models(ctx: StageContext) -> list[dict]:
 
 def generate_responses(ctx: StageContext, model: dict, prompts: dict[str, list[str]]) -> dict[str, list[str]]:
     from cai_jax.sampling import generate
-    from cai_jax.text import encode_conversation
+    from cai_jax.text import encode_prompt
 
     lm = load_base_model(ctx) if model["folder"] is None else load_exported(ctx, Path(model["folder"]))
     e = ctx.cfg.eval
     out = {}
     for kind, texts in prompts.items():
-        mode = "chat" if ctx.cfg.sft.rendering == "chat" else "transcript"
-        ids = [encode_conversation(lm.tokenizer, [{"role": "user", "content": t}], mode=mode) for t in texts]
+        ids = [encode_prompt(lm.tokenizer, t, ctx.cfg.sft.rendering) for t in texts]
         # Every model answers with the same keys: differences come from the models, not the draws.
         key = jax.random.fold_in(jax.random.key(stage_seed(ctx)), KIND_SEEDS[kind])
         sample = generate(
@@ -145,35 +136,35 @@ def generate_responses(ctx: StageContext, model: dict, prompts: dict[str, list[s
 
 
 def elo_table(ctx: StageContext, kind: str, prompts: list[str], responses: dict[str, list[str]]) -> dict:
-    """Elo of every model from AI comparisons of all model pairs on `prompts` (both orders averaged)."""
-    from cai_jax.cai.constitution import FeedbackPrinciple
+    """Elo of every model from AI comparisons of all model pairs on `prompts` (both orders averaged).
+
+    Harmlessness asks the constitution's feedback principles, helpfulness the helpfulness
+    questions (`feedback.helpful_constitution`). Empty responses are judged as they are. The
+    intervals come from a bootstrap over prompts (every model pair is judged on each prompt, so
+    those comparisons are not independent).
+    """
     from cai_jax.cai.feedback import label_pairs
     from cai_jax.eval.elo import elo_scores
 
-    constitution = load_constitution_from(ctx)
-    if kind == "helpfulness":
-        constitution = dataclasses.replace(
-            constitution, feedback_principles=(FeedbackPrinciple("helpfulness", HELPFULNESS_PRINCIPLE),)
-        )
+    constitution = load_constitution_from(ctx) if kind == "harmlessness" else load_helpful_constitution(ctx)
     settings = dataclasses.replace(
         feedback_settings(ctx), swap=True, num_few_shots=0, cot=False, hard=False, clamp=None, cot_samples=1
     )
+    if kind == "helpfulness":  # principle_limit restricts the constitution's pool, not this one
+        settings = dataclasses.replace(settings, num_principles=None)
     names = list(responses)
-    rows, pairs = [], []
+    rows, pairs, groups = [], [], []
     for a, b in itertools.combinations(names, 2):
         for i, prompt in enumerate(prompts):
             for _ in range(int(ctx.cfg.eval.elo_comparisons)):
                 rows.append(
-                    {
-                        "prompt": prompt,
-                        "response_a": responses[a][i] or "(no answer)",
-                        "response_b": responses[b][i] or "(no answer)",
-                        "index": len(rows),
-                    }
+                    {"prompt": prompt, "response_a": responses[a][i], "response_b": responses[b][i], "index": len(rows)}
                 )
                 pairs.append((a, b))
-    feedback_lm = feedback_model(ctx)
-    labelled = label_pairs(feedback_lm, rows, constitution, settings=settings, rng=jax.random.key(stage_seed(ctx) + 7))
+                groups.append(i)
+    judge = load_judge(ctx, settings)
+    rng = jax.random.key(stage_seed(ctx) + 7)
+    labelled = label_pairs(judge, rows, constitution, settings=settings, rng=rng, allow_empty=True)
     comparisons = [(a, b, float(r["p_a"])) for (a, b), r in zip(pairs, labelled)]
     scores = elo_scores(
         comparisons,
@@ -181,13 +172,14 @@ def elo_table(ctx: StageContext, kind: str, prompts: list[str], responses: dict[
         n_bootstrap=int(ctx.cfg.eval.n_bootstrap),
         seed=stage_seed(ctx),
         l2=float(ctx.cfg.eval.elo_l2),
+        groups=groups,
     )
     return {m: {"elo": s.elo, "lo": s.lo, "hi": s.hi, "n": s.n_comparisons} for m, s in scores.items()}
 
 
 def feedback_model(ctx: StageContext):
-    name = ctx.cfg.feedback_model.name
-    return load_base_model(ctx, name or None)
+    """The judge of the MC evals (the feedback stage's judge, reading the feedback rendering)."""
+    return load_judge(ctx, feedback_settings(ctx))
 
 
 def ppo_curve(ctx: StageContext) -> dict | None:
@@ -244,7 +236,7 @@ def stage_eval(ctx: StageContext) -> dict:
             for name, r in responses.items():
                 out[name] = {}
                 for kind, texts in r.items():
-                    mean, err = _mean_stderr(pm_scores(ctx, pm, prompts[kind], texts))
+                    mean, err = _mean_stderr(pm_scores(pm, prompts[kind], texts))
                     out[name][kind], out[name][f"{kind}_stderr"] = mean, err
             return out
 
@@ -268,8 +260,11 @@ def stage_eval(ctx: StageContext) -> dict:
                 questions = load_mc_eval(path)
                 if int(e.mc_max_questions):
                     questions = questions[: int(e.mc_max_questions)]
+                judge = feedback_model(ctx)
+                if not hasattr(judge, "lm"):
+                    raise ValueError(f"eval.mc_files: the judge {judge.name} is not a language model")
                 result = evaluate_mc(
-                    feedback_model(ctx),
+                    judge.lm,
                     questions,
                     rendering=feedback_settings(ctx).rendering,
                     n_bins=int(e.calibration_bins),

@@ -21,7 +21,7 @@ from experiments.pipeline import StageContext
 log = logging.getLogger(__name__)
 
 # Per-stage constants folded into the run seed, so stages draw independent randomness.
-SEED_OFFSETS = {"revisions": 0, "sft": 1, "feedback": 2, "pm": 3, "ppo": 4, "eval": 5}
+SEED_OFFSETS = {"revisions": 0, "sft": 1, "feedback": 2, "pm": 3, "ppo": 4, "eval": 5, "feedback_helpful": 6}
 
 
 def stage_seed(ctx: StageContext, name: str | None = None) -> int:
@@ -82,6 +82,35 @@ def load_constitution_from(ctx: StageContext):
     from cai_jax.cai.constitution import default_constitution, load_constitution
 
     return load_constitution(ctx.cfg.constitution) if ctx.cfg.constitution else default_constitution()
+
+
+def load_helpful_constitution(ctx: StageContext):
+    """The helpfulness questions (`feedback.helpful_constitution`: a shipped name or a file)."""
+    from cai_jax.cai.constitution import load_constitution
+
+    c = load_constitution(ctx.cfg.feedback.helpful_constitution)
+    if not c.feedback_principles:
+        raise ValueError(
+            f"config feedback.helpful_constitution={ctx.cfg.feedback.helpful_constitution!r} has no feedback principles"
+        )
+    return c
+
+
+def load_judge(ctx: StageContext, settings):
+    """The judge of `feedback_model.name`: "" = the starting model, a model name/folder, or
+    "python:<module>:<callable>" (`cai.judge`); LM judges read the settings' rendering."""
+    from cai_jax.cai.judge import PYTHON_PREFIX, LMJudge, load_callable
+
+    name = ctx.cfg.feedback_model.name
+    key = ("judge", name, settings.rendering, settings.scoring_batch_size)
+    if key not in ctx.cache:
+        if name.startswith(PYTHON_PREFIX):
+            ctx.cache[key] = load_callable(name)
+        else:
+            lm = load_base_model(ctx, name or None)
+            rendering, batch = settings.rendering, settings.scoring_batch_size
+            ctx.cache[key] = LMJudge(lm, rendering=rendering, batch_size=batch, name=name or ctx.cfg.model.name)
+    return ctx.cache[key]
 
 
 def load_prompt_split(ctx: StageContext, kind: str) -> tuple[list, list, dict]:
@@ -209,7 +238,7 @@ def stage_sft(ctx: StageContext) -> dict:
         lm.model,
         lm.params,
         examples,
-        optim_cfg=OptimConfig.from_config(s.optim),
+        optim_cfg=OptimConfig.from_config(s.optim, updates=int(s.num_steps) // int(s.optim.grad_accum_steps)),
         ckpt_cfg=CheckpointConfig(
             directory=str((ctx.dir / "checkpoints").resolve()),
             save_every_steps=int(ctx.cfg.checkpoint.save_every_steps),
@@ -239,58 +268,15 @@ def stage_sft(ctx: StageContext) -> dict:
 
 # ---------------------------------------------------------------- 3. feedback
 
-CLAMPS = {"none": None, "20-80": (0.2, 0.8), "40-60": (0.4, 0.6)}
-
 
 def feedback_settings(ctx: StageContext):
-    """FeedbackSettings from the `feedback` section (label = soft | hard | cot)."""
+    """FeedbackSettings from the `feedback` section; the policy reads prompts as SFT rendered them."""
     from cai_jax.cai.feedback import FeedbackSettings
 
-    f = ctx.cfg.feedback
-    if f.label not in ("soft", "hard", "cot"):
-        raise ValueError(f"config feedback.label={f.label!r}; expected soft, hard or cot")
-    if f.cot_clamp not in CLAMPS:
-        raise ValueError(f"config feedback.cot_clamp={f.cot_clamp!r}; expected one of {sorted(CLAMPS)}")
-    cot = f.label == "cot"
-    return FeedbackSettings(
-        rendering=f.rendering,
-        policy_rendering="chat" if ctx.cfg.sft.rendering == "chat" else "raw",
-        temperature=float(f.temperature),
-        top_p=float(f.top_p),
-        max_new_tokens=int(f.max_new_tokens),
-        num_principles=int(f.principle_limit) or None,
-        ensemble=int(f.num_principles),
-        num_few_shots=int(f.num_few_shots),
-        swap=bool(f.swap),
-        hard=f.label == "hard",
-        clamp=CLAMPS[f.cot_clamp] if cot else None,
-        cot=cot,
-        cot_samples=int(f.cot_samples) if cot else 1,
-        cot_max_new_tokens=int(f.cot_max_new_tokens),
-    )
+    return FeedbackSettings.from_config(ctx.cfg.feedback, policy_rendering=ctx.cfg.sft.rendering)
 
 
-def stage_feedback(ctx: StageContext) -> dict:
-    from cai_jax.cai.feedback import load_comparisons_dataset, run_feedback
-
-    f = ctx.cfg.feedback
-    settings = feedback_settings(ctx)
-    policy = load_exported(ctx, ctx.dep("sft") / "export")
-    feedback_lm = load_base_model(ctx, ctx.cfg.feedback_model.name or None)
-    red_train, _, _ = load_prompt_split(ctx, "red_team")
-    prompts = red_train[: int(f.num_prompts)] if int(f.num_prompts) else red_train
-    run_feedback(
-        policy,
-        feedback_lm,
-        prompts,
-        load_constitution_from(ctx),
-        ctx.dir / "comparisons",
-        settings=settings,
-        seed=stage_seed(ctx),
-        batch_size=int(f.batch_size),
-        progress=bool(ctx.cfg.log.progress),
-    )
-    ds = load_comparisons_dataset(ctx.dir / "comparisons")
+def _label_summary(ds) -> dict:
     p = np.asarray(ds["p_a"], np.float64)
     return {
         "comparisons": len(ds),
@@ -298,6 +284,31 @@ def stage_feedback(ctx: StageContext) -> dict:
         "mean_confidence": float(np.abs(p - 0.5).mean() + 0.5),
         "frac_confident_0.8": float(np.mean(np.maximum(p, 1 - p) >= 0.8)),
     }
+
+
+def stage_feedback(ctx: StageContext) -> dict:
+    """AI labels of SL-CAI response pairs: red-team prompts under the constitution's feedback
+    principles (`comparisons/`) and, with `feedback.label_helpful`, helpful prompts under the
+    helpfulness questions (`helpful/`), the helpfulness half of the PM's mix."""
+    from cai_jax.cai.feedback import load_comparisons_dataset, run_feedback
+
+    f = ctx.cfg.feedback
+    settings = feedback_settings(ctx)
+    policy = load_exported(ctx, ctx.dep("sft") / "export")
+    judge = load_judge(ctx, settings)
+    common = dict(settings=settings, batch_size=int(f.batch_size), progress=bool(ctx.cfg.log.progress))
+    red_train, _, _ = load_prompt_split(ctx, "red_team")
+    prompts = red_train[: int(f.num_prompts)] if int(f.num_prompts) else red_train
+    constitution = load_constitution_from(ctx)
+    run_feedback(policy, judge, prompts, constitution, ctx.dir / "comparisons", seed=stage_seed(ctx), **common)
+    summary = _label_summary(load_comparisons_dataset(ctx.dir / "comparisons"))
+    if f.label_helpful:
+        help_train, _, _ = load_prompt_split(ctx, "helpful")
+        helpful = help_train[: int(f.num_helpful_prompts)] if int(f.num_helpful_prompts) else help_train
+        seed = stage_seed(ctx, "feedback_helpful")
+        run_feedback(policy, judge, helpful, load_helpful_constitution(ctx), ctx.dir / "helpful", seed=seed, **common)
+        summary["helpful"] = _label_summary(load_comparisons_dataset(ctx.dir / "helpful"))
+    return summary
 
 
 # ---------------------------------------------------------------- 4. pm
@@ -339,11 +350,23 @@ def stage_pm(ctx: StageContext) -> dict:
     # The paper's PMs start from pretrained LMs of the policy's size, not from the SL-CAI policy.
     lm = load_base_model(ctx)
     keep = ("prompt", "response_a", "response_b", "p_a")
-    rows = [{k: r[k] for k in keep} for r in load_comparisons_dataset(ctx.dep("feedback") / "comparisons")]
-    train_rows, eval_rows = split_by_prompt(rows, float(p.eval_fraction), stage_seed(ctx))
+
+    def labelled(folder: str) -> list[dict]:
+        return [{k: r[k] for k in keep} for r in load_comparisons_dataset(ctx.dep("feedback") / folder)]
+
+    train_rows, eval_rows = split_by_prompt(labelled("comparisons"), float(p.eval_fraction), stage_seed(ctx))
     if p.helpful_source:
-        helpful = load_comparisons(p.helpful_source)
-        train_rows = mix_comparisons(train_rows, helpful, float(p.helpful_fraction), seed=stage_seed(ctx))
+        if p.helpful_source == "feedback":
+            if not ctx.cfg.feedback.label_helpful:
+                raise ValueError(
+                    "config pm.helpful_source='feedback' mixes in the feedback stage's helpfulness labels, but "
+                    "feedback.label_helpful is False: turn it on, or set pm.helpful_source to a file or ''"
+                )
+            helpful_train, helpful_eval = split_by_prompt(labelled("helpful"), float(p.eval_fraction), stage_seed(ctx))
+            eval_rows = eval_rows + helpful_eval
+        else:
+            helpful_train = load_comparisons(p.helpful_source)
+        train_rows = mix_comparisons(train_rows, helpful_train, float(p.helpful_fraction), seed=stage_seed(ctx))
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     if not train_rows:
         raise ValueError(f"pm: no training comparisons in {ctx.dep('feedback')} (feedback.num_prompts too small?)")
@@ -367,7 +390,9 @@ def stage_pm(ctx: StageContext) -> dict:
             lm.config,
             params,
             pairs,
-            optim_cfg=OptimConfig.from_config(p.pmp.optim),
+            optim_cfg=OptimConfig.from_config(
+                p.pmp.optim, updates=int(p.pmp.num_steps) // int(p.pmp.optim.grad_accum_steps)
+            ),
             ckpt_cfg=_ckpt(ctx, "pmp"),
             num_steps=int(p.pmp.num_steps),
             batch_size=min(int(p.batch_size), len(pairs)),
@@ -380,7 +405,7 @@ def stage_pm(ctx: StageContext) -> dict:
         lm.config,
         params,
         train_rows,
-        optim_cfg=OptimConfig.from_config(p.optim),
+        optim_cfg=OptimConfig.from_config(p.optim, updates=int(p.num_steps) // int(p.optim.grad_accum_steps)),
         ckpt_cfg=_ckpt(ctx),
         num_steps=int(p.num_steps),
         batch_size=min(int(p.batch_size), len(train_rows)),  # tiny runs have fewer pairs than a batch
@@ -418,7 +443,6 @@ def stage_ppo(ctx: StageContext) -> dict:
     result equals one uninterrupted run of `num_iterations` (checkpoints are forced at snapshots).
     """
     from cai_jax.checkpoints.pm import load_pm
-    from cai_jax.text import encode_conversation
     from cai_jax.train.ppo import PPOConfig, train_ppo
     from cai_jax.train.state import OptimConfig
 
@@ -429,10 +453,7 @@ def stage_ppo(ctx: StageContext) -> dict:
     # RL prompts: the training red-team and helpfulness prompts (paper sec. 4.1 uses both).
     red, _, _ = load_prompt_split(ctx, "red_team")
     helpful, _, _ = load_prompt_split(ctx, "helpful")
-    mode = "chat" if ctx.cfg.sft.rendering == "chat" else "transcript"
-    prompts = [
-        encode_conversation(policy.tokenizer, [{"role": "user", "content": p.text}], mode=mode) for p in red + helpful
-    ]
+    prompts = [p.text for p in red + helpful]
     for k in ppo_snapshot_iterations(ctx):
         folder = ctx.dir / "snapshots" / f"iter_{k}"
         if (folder / "config.json").is_file():
@@ -443,13 +464,14 @@ def stage_ppo(ctx: StageContext) -> dict:
             pm,
             prompts,
             ppo_cfg=ppo_cfg,
-            optim_cfg=OptimConfig.from_config(c.optim),
+            optim_cfg=OptimConfig.from_config(c.optim, updates=int(c.num_iterations) * ppo_cfg.updates_per_iteration),
             ckpt_cfg=_ckpt(ctx),
             mesh_cfg=ctx.cfg.mesh,
             num_iterations=k,
             seed=stage_seed(ctx),
             workdir=ctx.dir,
             export_dir=folder,
+            rendering=ctx.cfg.sft.rendering,
         )
     rows = read_jsonl(ctx.dir / "metrics.jsonl")
     last = rows[-1] if rows else {}

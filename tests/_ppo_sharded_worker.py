@@ -23,16 +23,19 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from cai_jax import sharding as sh
-from cai_jax.models import ScalarModel, Transformer, init_params, tiny_config
-from cai_jax.train import ppo
-from cai_jax.train.ppo import PPOConfig, train_ppo
-from cai_jax.train.state import OptimConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's `tests` package
+
+from cai_jax import sharding as sh  # noqa: E402
+from cai_jax.models import ScalarModel, Transformer, init_params, tiny_config  # noqa: E402
+from cai_jax.train import ppo  # noqa: E402
+from cai_jax.train.ppo import train_ppo, value_head_params  # noqa: E402
+from cai_jax.train.state import OptimConfig  # noqa: E402
+from tests.defaults import ppo_config  # noqa: E402
 
 MESHES = ((1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2))  # (data, fsdp, tensor); the first is the reference
 # Micro-batches of 8 rows split over data * fsdp <= 8; two of them per minibatch (accumulation),
 # two epochs: two optimizer updates, so Adam's sharded moments are used as well as created.
-PPO = PPOConfig(
+PPO = ppo_config(
     rollout_batch_size=16,
     minibatch_size=16,
     micro_batch_size=8,
@@ -127,7 +130,8 @@ def main() -> None:
     )
     prompts = [rs.integers(3, 256, int(rs.integers(3, 11))).tolist() for _ in range(PPO.rollout_batch_size)]
 
-    np.savez(out_dir / "init.npz", **_flat({"policy": policy.params, "value": pm.params}))
+    value = {"backbone": pm.params["backbone"], "head": value_head_params(head, pm.reward_mean, pm.reward_std)}
+    np.savez(out_dir / "init.npz", **_flat({"policy": policy.params, "value": value}))
     out = {"meshes": {}}
     ref = None
     for shape in MESHES:

@@ -83,3 +83,44 @@ def smollm2(smollm2_gguf):
     from cai_jax.models import load_pretrained
 
     return load_pretrained(SMOLLM2)
+
+
+@functools.cache
+def spiece_tokenizer():
+    """A tiny in-memory SentencePiece-style tokenizer: "▁" spaces, <0xNN> byte fallback, BOS added.
+
+    Like Llama 2's and Mistral's: a "▁" is prepended to every string it encodes, so " (A)" on its
+    own is not the " (A)" of running text.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    for piece in ["▁", "a", "b", "c", "h", "i", "▁h", "▁hi", "▁a", "▁b"]:
+        vocab[piece] = len(vocab)
+    merges = [("▁", "h"), ("▁h", "i"), ("▁", "a"), ("▁", "b")]
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def spiece():
+    return spiece_tokenizer()
+
+
+@functools.cache
+def smollm2_tokenizer():
+    """The embedded SmolLM2 tokenizer (ChatML template), or a skip when the model is not installed."""
+    from cai_jax.models import load_tokenizer
+    from cai_jax.models.loading import resolve_model_path
+
+    try:
+        return load_tokenizer(resolve_model_path(SMOLLM2))
+    except FileNotFoundError as e:
+        pytest.skip(f"embedded model unavailable: {e}")

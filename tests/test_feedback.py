@@ -2,9 +2,10 @@
 ensembling, clamping, hard labels), the resumable engine, bad input, and the embedded SmolLM2 as
 a feedback model.
 
-Most tests replace the model calls (`feedback.generate`, `feedback.option_logprobs`) with fakes
-that read the rendered question back from its tokens, so every label is hand-checkable and the
-tests stay fast; one test runs the whole stage on a tiny random model, and the slow ones on SmolLM2.
+Most tests use a judge whose option log-probs are a known function of the responses it is shown
+(`FakeJudge`, the `cai.judge` interface) and a fake `feedback.generate`, so every label is
+hand-checkable and the tests stay fast; one test runs the whole stage on a tiny random model, and
+the slow ones on SmolLM2.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import pytest
 from cai_jax.cai import feedback as fb
 from cai_jax.cai.constitution import ConstitutionError, FeedbackFewShot, FeedbackPrinciple, default_constitution
 from cai_jax.cai.feedback import (
-    FeedbackSettings,
     build_mc_question,
     cot_answer_prefix,
     draw_principles,
@@ -34,7 +34,18 @@ from cai_jax.cai.feedback import (
     run_feedback,
     sample_pairs,
 )
+from cai_jax.cai.judge import CallableJudge, JudgeError, LMJudge
 from cai_jax.cai.prompts import Prompt, shipped_prompts
+from tests.defaults import feedback_settings
+
+# The labeller's settings in these tests: base config values, one order, no few-shots, unless a
+# test says otherwise.
+PLAIN = dict(swap=False, ensemble=1, num_principles=None, num_few_shots=0, max_new_tokens=128)
+
+
+def FeedbackSettings(**kwargs):  # noqa: N802  (reads like the dataclass it builds)
+    return feedback_settings(**{**PLAIN, **kwargs})
+
 
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 SHOT = FeedbackFewShot(
@@ -98,28 +109,24 @@ def fake_generate(calls=None):
     return generate
 
 
-_OPTION_RE = re.compile(r"Options:\n\(A\) (.*?)\n\(B\) (.*?)(?:<\|im_end\|>|\n)", re.S)
+class FakeJudge(LMJudge):
+    """An LM judge (so it can write CoT reasoning with the patched `generate`) whose option
+    log-probs are quality(the response shown as that option), + bias for (A)."""
 
+    def __init__(self, lm, quality, bias: float = 0.0, calls=None, rendering="raw"):
+        super().__init__(lm, rendering=rendering)
+        self.quality, self.bias, self.calls = quality, bias, calls
 
-def fake_scorer(quality, bias: float = 0.0, calls=None):
-    """A stand-in for `option_logprobs`: log-prob of option X = quality(X's response) (+ bias for (A)).
-
-    The responses are read back from the question's last "Options:" block, so the fake scores exactly
-    what the labeller rendered.
-    """
-
-    def option_logprobs(lm, prefixes, options, **kwargs):
+    def option_logprobs(self, questions):
         out = []
-        for ids, opts in zip(prefixes, options):
-            text = lm.tokenizer.decode(ids)
-            if calls is not None:
-                calls.append(text)
-            a, b = _OPTION_RE.findall(text)[-1]
-            assert [lm.tokenizer.decode(o) for o in opts] == [" (A)", " (B)"]
-            out.append([quality(a) + bias, quality(b)])
-        return np.array(out, np.float32)
-
-    return option_logprobs
+        for q in questions:
+            assert q.options == (" (A)", " (B)") and len(q.responses) == 2 and q.principle
+            if self.calls is not None:
+                self.calls.append(q.text)
+            a, b = q.responses
+            assert f"(A) {a.strip()}\n(B) {b.strip()}" in q.text  # the text shows what the fields say
+            out.append([self.quality(a) + self.bias, self.quality(b)])
+        return np.array(out, np.float64)
 
 
 def hashed_quality(text: str) -> float:
@@ -129,7 +136,11 @@ def hashed_quality(text: str) -> float:
 @pytest.fixture
 def fakes(monkeypatch):
     monkeypatch.setattr(fb, "generate", fake_generate())
-    monkeypatch.setattr(fb, "option_logprobs", fake_scorer(hashed_quality))
+
+
+@pytest.fixture
+def judge(lm):
+    return FakeJudge(lm, hashed_quality)
 
 
 # ---------------------------------------------------------------- golden strings
@@ -244,8 +255,7 @@ def test_label_pairs_swap_cancels_bias_end_to_end(lm, constitution, monkeypatch)
     unbiased = 1 / (1 + math.exp(-2.5))
     settings = FeedbackSettings(swap=True, ensemble=3)
     for bias in (0.0, 4.0):
-        monkeypatch.setattr(fb, "option_logprobs", fake_scorer(quality, bias=bias))
-        (row,) = label_pairs(lm, rows, constitution, settings=settings, rng=jax.random.key(0))
+        (row,) = label_pairs(FakeJudge(lm, quality, bias), rows, constitution, settings=settings, rng=jax.random.key(0))
         assert row["p_a"] == pytest.approx(unbiased, abs=1e-6)
         assert row["p_a_members"] == pytest.approx([unbiased] * 3, abs=1e-6)
         assert row["p_a_first"] == pytest.approx([1 / (1 + math.exp(-2.5 - bias))] * 3, abs=1e-6)
@@ -260,7 +270,7 @@ def test_label_pairs_swap_cancels_bias_end_to_end(lm, constitution, monkeypatch)
 
 def test_label_pairs_principles_members_and_few_shots(lm, constitution, monkeypatch):
     calls, gen_calls = [], []
-    monkeypatch.setattr(fb, "option_logprobs", fake_scorer(hashed_quality, calls=calls))
+    judge = FakeJudge(lm, hashed_quality, calls=calls)
     monkeypatch.setattr(fb, "generate", fake_generate(gen_calls))
     rows = [
         {"prompt": "First?", "response_a": "one", "response_b": "two", "prompt_id": "x"},
@@ -268,9 +278,9 @@ def test_label_pairs_principles_members_and_few_shots(lm, constitution, monkeypa
     ]
     settings = FeedbackSettings(ensemble=2, cot=True, cot_samples=2, num_few_shots=1, swap=True, clamp=(0.2, 0.8))
     key = jax.random.key(5)
-    out = label_pairs(lm, rows, constitution, settings=settings, rng=key)
+    out = label_pairs(judge, rows, constitution, settings=settings, rng=key)
     calls.clear(), gen_calls.clear()
-    assert out == label_pairs(lm, rows, constitution, settings=settings, rng=key)  # deterministic
+    assert out == label_pairs(judge, rows, constitution, settings=settings, rng=key)  # deterministic
     words = fb._key_words(jax.random.fold_in(key, 0))
     for row, idx in zip(out, (0, 7)):
         drawn = draw_principles(constitution, settings, np.random.default_rng([*words, idx]))
@@ -300,12 +310,12 @@ def test_label_pairs_principles_members_and_few_shots(lm, constitution, monkeypa
     fixed = [dict(rows[0], principle_ids=["privacy"], few_shot_principle_ids=[["fair"]])]
     plain = FeedbackSettings(num_few_shots=1)
     calls.clear()
-    (row,) = label_pairs(lm, fixed, constitution, settings=plain, rng=key)
+    (row,) = label_pairs(judge, fixed, constitution, settings=plain, rng=key)
     assert row["principle_ids"] == ["privacy"] and row["few_shot_principle_ids"] == [["fair"]]
     assert calls[0].count(constitution.feedback_principle("privacy").text) == 1
     assert calls[0].count(constitution.feedback_principle("fair").text) == 1
     # Drawn ones: a few-shot that names its principle keeps it.
-    (row,) = label_pairs(lm, rows[:1], constitution, settings=plain, rng=key)
+    (row,) = label_pairs(judge, rows[:1], constitution, settings=plain, rng=key)
     assert row["few_shot_principle_ids"] == [[constitution.feedback_few_shots[0].principle_id]]
     assert row["cot_texts"] == [] and row["swap_logp_a"] == [] and row["p_a_swapped"] == []
 
@@ -340,9 +350,9 @@ def _shards(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("rows-*.jsonl"))}
 
 
-def test_resume_after_kill_equals_uninterrupted_run(lm, constitution, fakes, tmp_path, monkeypatch):
+def test_resume_after_kill_equals_uninterrupted_run(lm, judge, constitution, fakes, tmp_path, monkeypatch):
     prompts = shipped_prompts("red_team")[:5]
-    run_feedback(lm, lm, prompts, constitution, tmp_path / "a", **BASE)
+    run_feedback(lm, judge, prompts, constitution, tmp_path / "a", **BASE)
     a_rows = load_comparisons_dataset(tmp_path / "a").to_list()
     assert COLUMNS <= set(a_rows[0]) and [r["prompt_id"] for r in a_rows] == [p.id for p in prompts]
 
@@ -357,13 +367,13 @@ def test_resume_after_kill_equals_uninterrupted_run(lm, constitution, fakes, tmp
     with monkeypatch.context() as m:
         m.setattr(fb, "feedback_batch", killed_on_second_batch)
         with pytest.raises(KeyboardInterrupt):
-            run_feedback(lm, lm, prompts, constitution, tmp_path / "b", **BASE)
+            run_feedback(lm, judge, prompts, constitution, tmp_path / "b", **BASE)
     assert list(_shards(tmp_path / "b")) == ["rows-p000-b000000.jsonl"] and not (tmp_path / "b" / "DONE-p000").exists()
     (tmp_path / "b" / "rows-p000-b000001.tmp").write_text('{"prompt": "trunc')  # half-written shard
     calls.clear()
     with monkeypatch.context() as m:
         m.setattr(fb, "feedback_batch", lambda *a: (calls.append(a[4]), real(*a))[1])
-        run_feedback(lm, lm, prompts, constitution, tmp_path / "b", **BASE)
+        run_feedback(lm, judge, prompts, constitution, tmp_path / "b", **BASE)
         assert calls == [[2, 3], [4]]  # only the missing batches ran
         assert _shards(tmp_path / "b") == _shards(tmp_path / "a")  # byte-identical shards
         assert load_comparisons_dataset(tmp_path / "b").to_list() == a_rows
@@ -371,22 +381,22 @@ def test_resume_after_kill_equals_uninterrupted_run(lm, constitution, fakes, tmp
             "fingerprint"
         ]
         calls.clear()
-        run_feedback(lm, lm, prompts, constitution, tmp_path / "b", **BASE)  # finished: nothing runs
+        run_feedback(lm, judge, prompts, constitution, tmp_path / "b", **BASE)  # finished: nothing runs
         assert calls == []
     # Other settings, seed or prompts in the same folder are refused; nothing is touched.
     before = _shards(tmp_path / "b")
     for change in (dict(seed=4), dict(settings=dataclasses.replace(BASE["settings"], hard=True))):
         with pytest.raises(ValueError, match="fingerprint"):
-            run_feedback(lm, lm, prompts, constitution, tmp_path / "b", **{**BASE, **change})
+            run_feedback(lm, judge, prompts, constitution, tmp_path / "b", **{**BASE, **change})
     with pytest.raises(ValueError, match="fingerprint"):
-        run_feedback(lm, lm, prompts[:4], constitution, tmp_path / "b", **BASE)
+        run_feedback(lm, judge, prompts[:4], constitution, tmp_path / "b", **BASE)
     assert _shards(tmp_path / "b") == before
 
 
-def test_processes_write_every_prompt_once(lm, constitution, fakes, tmp_path):
+def test_processes_write_every_prompt_once(lm, judge, constitution, fakes, tmp_path):
     prompts = shipped_prompts("red_team")[:5]
     for index in (0, 1):
-        run_feedback(lm, lm, prompts, constitution, tmp_path, **BASE, process_index=index, process_count=2)
+        run_feedback(lm, judge, prompts, constitution, tmp_path, **BASE, process_index=index, process_count=2)
     assert sorted(p.name for p in tmp_path.glob("rows-*")) == [
         "rows-p000-b000000.jsonl",
         "rows-p000-b000001.jsonl",
@@ -430,8 +440,8 @@ def test_bad_input_is_refused_with_a_clear_error(lm, constitution, fakes, tmp_pa
     assert not (tmp_path / "meta.json").exists()
     with pytest.raises(ValueError, match="row 'p1' has an empty response_b"):
         label_pairs(lm, [dict(rows[0], response_b="  ", prompt_id="p1")], constitution, settings=s, rng=key)
-    with pytest.raises(ValueError, match="response_a is empty"):
-        build_mc_question("Q?", "", "b", "P")
+    with pytest.raises(ValueError, match="principle is empty"):
+        build_mc_question("Q?", "a", "b", " ")
     with pytest.raises(ValueError, match="unknown rendering 'markdown'"):
         build_mc_question("Q?", "a", "b", "P", rendering="markdown")
     with pytest.raises(ValueError, match=r"feedback\.rendering='transcript'"):
@@ -461,6 +471,59 @@ def test_bad_input_is_refused_with_a_clear_error(lm, constitution, fakes, tmp_pa
         with pytest.raises(ValueError, match=match):
             FeedbackSettings(**kwargs)
     assert FeedbackSettings(clamp=[0.2, 0.8]).clamp == (0.2, 0.8)  # lists from a config are fine
+
+
+def test_callable_judge_contract_and_errors(constitution):
+    """A Python judge gets structured questions; its mistakes are named."""
+    seen = []
+
+    def prefers_longer(questions):
+        seen.extend(questions)
+        return [[float(len(q.responses[0])), float(len(q.responses[1]))] for q in questions]
+
+    judge = CallableJudge(prefers_longer, "python:tests:prefers_longer")
+    rows = [{"prompt": "Q?", "response_a": "a", "response_b": "bbb"}]
+    (row,) = label_pairs(judge, rows, constitution, settings=FeedbackSettings(swap=True), rng=jax.random.key(0))
+    # log-scores 1 vs 3 in both orders: p(A) = sigmoid(-2) exactly.
+    assert row["p_a"] == pytest.approx(1 / (1 + math.exp(2)), abs=1e-12)
+    assert [q.responses for q in seen] == [("a", "bbb"), ("bbb", "a")]
+    assert seen[0].conversation == ({"role": "user", "content": "Q?"},) and seen[0].principle
+    assert seen[0].text.endswith("The answer is:") and seen[0].options == (" (A)", " (B)")
+    # Empty responses: refused by the labeller, judged as they are by the evals.
+    with pytest.raises(ValueError, match="empty response_a"):
+        label_pairs(
+            judge, [dict(rows[0], response_a="")], constitution, settings=FeedbackSettings(), rng=jax.random.key(0)
+        )
+    (row,) = label_pairs(
+        judge, [dict(rows[0], response_a="")], constitution, settings=FeedbackSettings(), rng=jax.random.key(0),
+        allow_empty=True,
+    )  # fmt: skip
+    assert row["p_a"] == pytest.approx(1 / (1 + math.exp(3)))
+    key = jax.random.key(0)
+    with pytest.raises(JudgeError, match="reads raw text only"):
+        label_pairs(judge, rows, constitution, settings=FeedbackSettings(rendering="chat"), rng=key)
+    with pytest.raises(JudgeError, match="cannot write chain-of-thought"):
+        label_pairs(judge, rows, constitution, settings=FeedbackSettings(cot=True), rng=key)
+    bad = CallableJudge(lambda qs: [[0.0]] * len(qs), "python:tests:bad")
+    with pytest.raises(JudgeError, match=r"python:tests:bad: returned shape \(1, 1\)"):
+        label_pairs(bad, rows, constitution, settings=FeedbackSettings(), rng=key)
+    nan = CallableJudge(lambda qs: [[0.0, float("nan")]] * len(qs), "python:tests:nan")
+    with pytest.raises(JudgeError, match="non-finite option scores"):
+        label_pairs(nan, rows, constitution, settings=FeedbackSettings(), rng=key)
+
+
+def test_ensemble_draws_distinct_principles(constitution):
+    pool = len(constitution.feedback_principles)
+    for seed in range(20):
+        drawn = draw_principles(constitution, FeedbackSettings(ensemble=4), np.random.default_rng(seed))
+        assert len(set(drawn["principle_ids"])) == 4
+        small = draw_principles(
+            constitution, FeedbackSettings(ensemble=3, num_principles=3), np.random.default_rng(seed)
+        )
+        assert sorted(small["principle_ids"]) == sorted(p.id for p in constitution.feedback_principles[:3])
+    # Larger than the pool: with replacement (every member still from the pool).
+    big = draw_principles(constitution, FeedbackSettings(ensemble=pool + 2), np.random.default_rng(0))
+    assert len(big["principle_ids"]) == pool + 2
 
 
 # ---------------------------------------------------------------- the embedded SmolLM2

@@ -22,10 +22,11 @@ from cai_jax.checkpoints.train_state import CheckpointConfig, Checkpointer
 from cai_jax.models import ScalarModel, Transformer, tiny_config
 from cai_jax.sampling import generate
 from cai_jax.scoring import sequence_token_logprobs
-from cai_jax.train.ppo import PMReward, PPOConfig, layout, train_ppo
+from cai_jax.train.ppo import layout, train_ppo
 from cai_jax.train.ppo_steps import compute_advantages, ppo_update, rollout_forward
 from cai_jax.train.state import OptimConfig, TrainState, make_optimizer
 from tests.conftest import TESTDATA, _random_params
+from tests.defaults import ppo_config
 
 GOLDEN = TESTDATA / "ppo_step_golden.json"
 # Set once. Same fp32 program on CPU as the run that wrote the golden; room only for summation
@@ -86,23 +87,29 @@ def _ckpt(workdir, every=1):
 
 
 def test_config_from_dict_and_validation():
-    d = {f: getattr(PPOConfig(), f) for f in PPOConfig.__dataclass_fields__}
-    assert PPOConfig.from_config(d) == PPOConfig()
+    base = ppo_config()
+    d = dataclasses.asdict(base)
+    from cai_jax.train.ppo_steps import PPOConfig
+
+    assert PPOConfig.from_config(d) == base
     with pytest.raises(ValueError, match="unknown field.*'lr'.*missing field.*'gamma'"):
         PPOConfig.from_config({**{k: v for k, v in d.items() if k != "gamma"}, "lr": 1.0})
     with pytest.raises(ValueError, match="value_init='policy'"):
-        PPOConfig(shared_backbone=True)
+        ppo_config(shared_backbone=True, value_init="pm")
     with pytest.raises(ValueError, match="must divide rollout_batch_size"):
-        PPOConfig(rollout_batch_size=10, minibatch_size=4)
+        ppo_config(rollout_batch_size=10, minibatch_size=4)
     with pytest.raises(ValueError, match="kl_estimator"):
-        PPOConfig(kl_estimator="k4")
+        ppo_config(kl_estimator="k4")
+    with pytest.raises(TypeError, match="missing"):
+        PPOConfig(rollout_batch_size=8)  # no defaults of its own: configs/base.py holds them
+    assert base.updates_per_iteration == base.ppo_epochs * base.rollout_batch_size // base.minibatch_size
 
 
 # ---------------------------------------------------------------- hand-computed maths
 
 
 def test_advantages_match_hand_computation():
-    cfg = PPOConfig(gamma=0.9, lam=0.8, kl_estimator="k1", missing_eos_penalty=1.0, whiten_advantages=False)
+    cfg = ppo_config(gamma=0.9, lam=0.8, kl_estimator="k1", missing_eos_penalty=1.0, whiten_advantages=False)
     logp = np.array([[-1.0, -2.0, -0.5], [-1.5, -1.0, -3.0]], np.float32)
     ref = np.array([[-1.2, -1.5, -0.5], [-1.0, -1.0, -2.0]], np.float32)
     values = np.array([[0.1, 0.2, 0.3], [0.5, -0.5, 9.0]], np.float32)
@@ -126,7 +133,7 @@ def test_advantages_match_hand_computation():
     np.testing.assert_allclose(out["advantages"], adv, atol=1e-6)
     np.testing.assert_allclose(out["returns"], (adv + values) * mask, atol=1e-6)
     whitened = jax.device_get(
-        compute_advantages(np.array([1.0, -0.5]), logp, ref, values, mask, None, 0.1, 0.5, 2.0, cfg=PPOConfig())
+        compute_advantages(np.array([1.0, -0.5]), logp, ref, values, mask, None, 0.1, 0.5, 2.0, cfg=ppo_config())
     )["advantages"]
     assert abs(whitened[mask].mean()) < 1e-6 and abs(whitened[mask].std() - 1) < 1e-3 and whitened[1, 2] == 0
 
@@ -150,7 +157,7 @@ def _update_batch(cfg, ppo, seed=0):
 
 def test_update_step_losses_match_hand_computation(cfg):
     """Clipped policy and value losses of the jitted update == numpy on independently computed logp / values."""
-    ppo = PPOConfig(max_new_tokens=6, minibatch_size=4, micro_batch_size=2, rollout_batch_size=4, value_init="policy")
+    ppo = ppo_config(max_new_tokens=6, minibatch_size=4, micro_batch_size=2, rollout_batch_size=4, value_init="policy")
     tokens, mask, resp_mask, noise, width = _update_batch(cfg, ppo)
     policy_params = _random_params(cfg, 0)
     value_params = _pm(cfg).params  # value model initialised from the PM
@@ -198,7 +205,7 @@ def test_update_step_losses_match_hand_computation(cfg):
 
 
 def test_sampler_logprobs_match_teacher_forced(cfg):
-    ppo = PPOConfig(max_new_tokens=8, temperature=0.7, value_init="policy")
+    ppo = ppo_config(max_new_tokens=8, temperature=0.7, value_init="policy")
     lm = _lm(cfg)
     prompts = _prompts(4, seed=5)
     out = generate(lm, prompts, rng=jax.random.key(3), max_new_tokens=8, temperature=0.7)
@@ -217,7 +224,7 @@ def test_sampler_logprobs_match_teacher_forced(cfg):
 # ---------------------------------------------------------------- one iteration against frozen metrics
 
 
-GOLDEN_PPO = PPOConfig(
+GOLDEN_PPO = ppo_config(
     rollout_batch_size=8,
     minibatch_size=4,
     micro_batch_size=2,
@@ -262,7 +269,7 @@ def test_two_iterations_match_frozen_metrics(tmp_path):
     assert all(r[f"time/{p}"] > 0 for r in rows for p in ("rollout", "scoring", "train"))
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [s["iteration"] for s in samples] == [1, 1, 2, 2]
-    assert set(samples[0]) == {"iteration", "prompt", "response", "score"}
+    assert set(samples[0]) == {"iteration", "prompt", "response", "score", "kl", "ended", "length"}
 
 
 # ---------------------------------------------------------------- learning
@@ -277,13 +284,14 @@ def test_ppo_raises_a_known_reward_with_bounded_kl(cfg, tmp_path):
         return (np.isin(responses, good) & live).sum(1) / lengths
 
     lm = types.SimpleNamespace(model=Transformer(cfg), params=_init(cfg), tokenizer=None, config=cfg)
-    ppo = PPOConfig(
+    ppo = ppo_config(
         rollout_batch_size=16,
         minibatch_size=8,
         micro_batch_size=4,
         ppo_epochs=4,
         max_new_tokens=8,
         kl_coef=0.05,
+        missing_eos_penalty=0.0,
         value_init="policy",
         sample_every=0,
     )
@@ -322,7 +330,7 @@ def _reward_len(prompts, responses, lengths):
     return (np.asarray(responses)[:, 0] % 7).astype(np.float32) / 7.0
 
 
-RESUME_PPO = PPOConfig(
+RESUME_PPO = ppo_config(
     rollout_batch_size=8,
     minibatch_size=4,
     micro_batch_size=4,
@@ -413,75 +421,6 @@ def test_non_finite_loss_stops_with_the_iteration(cfg, tmp_path):
     with pytest.raises(FloatingPointError, match="non-finite loss at iteration 1.*none yet"):
         _resume_run(cfg, tmp_path, 2, reward_fn=lambda p, r, n: np.full(len(p), 1e20, np.float32))
     assert not (tmp_path / "metrics.jsonl").read_text()
-
-
-# ---------------------------------------------------------------- PM vocabulary
-
-
-def _char_tokenizer(chars: str):
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({c: 3 + i for i, c in enumerate(chars)})
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
-CHARS = "abcdefghijklmnopqrstuvwxyz .,?!"
-
-
-def test_pm_with_another_vocabulary_is_retokenised(cfg, tmp_path):
-    policy_tok, pm_tok = _char_tokenizer(CHARS), _char_tokenizer(CHARS[::-1])
-    policy = _lm(cfg, tokenizer=policy_tok)
-    pm = _pm(cfg, tokenizer=pm_tok)
-    prompts = [
-        policy_tok.encode("hello there. ", add_special_tokens=False),
-        policy_tok.encode("why?", add_special_tokens=False),
-    ]
-    responses = np.array(
-        [policy_tok.encode("good day", add_special_tokens=False) + [2, 0], [5, 6, 7, 2, 0, 0, 0, 0, 0, 0]]
-    )
-    lengths = np.array([9, 4])
-    scores = PMReward(pm, policy)(prompts, responses, lengths)
-    texts = ["hello there. good day", "why?" + policy_tok.decode([5, 6, 7])]
-    for text, score in zip(texts, scores):
-        ids = jnp.array([pm_tok.encode(text, add_special_tokens=False)])
-        expect = ScalarModel(cfg).apply({"params": pm.params}, ids)[0]
-        np.testing.assert_allclose(score, expect, rtol=SAME_MATH_RTOL, atol=SAME_MATH_ATOL)
-    # Same vocabulary: the policy's ids are scored as they are.
-    same = PMReward(_pm(cfg, tokenizer=_char_tokenizer(CHARS)), policy)
-    assert same.same
-    ids = jnp.array([prompts[1] + responses[1, :4].tolist()])
-    np.testing.assert_allclose(
-        same(prompts[1:], responses[1:], lengths[1:])[0],
-        ScalarModel(cfg).apply({"params": same.pm.params}, ids)[0],
-        rtol=SAME_MATH_RTOL,
-        atol=SAME_MATH_ATOL,
-    )
-    with pytest.raises(ValueError, match="different vocabulary.*pm_retokenize"):
-        train_ppo(
-            policy,
-            policy,
-            pm,
-            ["hello there", "why not"] * 4,
-            ppo_cfg=PPOConfig(rollout_batch_size=8, value_init="policy", pm_retokenize=False),
-            optim_cfg=OptimConfig(),
-            num_iterations=1,
-            workdir=tmp_path,
-        )
-    with pytest.raises(ValueError, match="value_init='pm' needs a PM with the policy's vocabulary"):
-        train_ppo(
-            policy,
-            policy,
-            pm,
-            ["hi"] * 16,
-            ppo_cfg=PPOConfig(),
-            optim_cfg=OptimConfig(),
-            num_iterations=1,
-            workdir=tmp_path,
-        )
 
 
 if __name__ == "__main__":

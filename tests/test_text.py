@@ -46,26 +46,6 @@ def smol():
     return load_tokenizer(folder)
 
 
-@pytest.fixture(scope="module")
-def spiece():
-    """A tiny in-memory SentencePiece-style tokenizer: "▁" spaces, <0xNN> byte fallback, BOS added."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
-    for piece in ["▁", "a", "b", "c", "h", "i", "▁h", "▁hi", "▁a", "▁b"]:
-        vocab[piece] = len(vocab)
-    merges = [("▁", "h"), ("▁h", "i"), ("▁", "a"), ("▁", "b")]
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    backend.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
 # --- transcript rendering and parsing ---------------------------------------------------------
 
 

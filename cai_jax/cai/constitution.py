@@ -277,7 +277,9 @@ def save_constitution(constitution: Constitution, path: str | os.PathLike) -> Pa
     return p
 
 
-def _sample(pool: list, n: int, rng_or_seed: int | np.random.Generator, k: int | None, kind: str) -> list:
+def _sample(
+    pool: list, n: int, rng_or_seed: int | np.random.Generator, k: int | None, kind: str, distinct: bool = False
+) -> list:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ConstitutionError(f"n={n!r} must be a non-negative int")
     count = len(pool)
@@ -287,6 +289,8 @@ def _sample(pool: list, n: int, rng_or_seed: int | np.random.Generator, k: int |
             f"k={k!r} must be an int in [1, {count}] (the constitution has {count} {kind} principles)"
         )
     rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
+    if distinct and n <= k:
+        return [pool[i] for i in rng.permutation(k)[: int(n)]]
     return [pool[i] for i in rng.integers(0, k, size=int(n))]
 
 
@@ -311,10 +315,18 @@ def sample_sl_principles(
 
 
 def sample_feedback_principles(
-    constitution: Constitution, n: int, rng_or_seed: int | np.random.Generator, k: int | None = None
+    constitution: Constitution,
+    n: int,
+    rng_or_seed: int | np.random.Generator,
+    k: int | None = None,
+    *,
+    distinct: bool = False,
 ) -> list[FeedbackPrinciple]:
-    """Draws n feedback principles uniformly, with replacement, from the first k (paper sec. 4.1).
+    """Draws n feedback principles uniformly from the first k (paper sec. 4.1).
 
-    Same arguments and errors as `sample_sl_principles`.
+    With replacement by default; `distinct=True` draws n different principles when n <= k (an
+    ensemble of principles should ask n different questions), and falls back to drawing with
+    replacement when the pool is smaller than n. Otherwise the same arguments and errors as
+    `sample_sl_principles`.
     """
-    return _sample(constitution.feedback_principles, n, rng_or_seed, k, "feedback")
+    return _sample(constitution.feedback_principles, n, rng_or_seed, k, "feedback", distinct)

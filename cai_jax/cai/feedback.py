@@ -1,7 +1,7 @@
 """RL-CAI feedback labeller: AI comparison labels from a multiple-choice question (paper sec. 4.1).
 
-For each red-team prompt the policy (the SL-CAI model) samples two responses. A feedback model
-(any loaded LM; it may be the policy itself) reads
+For each red-team prompt the policy (the SL-CAI model) samples two responses. A judge
+(`cai.judge`: a loaded LM by default, which may be the policy itself, or a Python callable) reads
 
     Consider the following conversation between a human and an assistant:
 
@@ -27,8 +27,9 @@ Renderings (`rendering`):
 
 Options (`FeedbackSettings`):
 
-* ensembling: `ensemble` principles are sampled per comparison (with replacement, from the first
-  `num_principles`), one question each, and the members' probabilities are averaged;
+* ensembling: `ensemble` principles are sampled per comparison (distinct ones from the first
+  `num_principles`, with replacement only when the ensemble is larger than that pool), one
+  question each, and the members' probabilities are averaged;
 * A/B order swap (`swap`): every question is also asked with the responses in the other order, and
   p_A is averaged with 1 - p_(A) of the swapped question. The average is taken in log-odds by
   default (`swap_average="logit"`): then a pure position bias, a constant added to the log-prob of
@@ -65,11 +66,10 @@ import jax
 import numpy as np
 
 from cai_jax.cai.constitution import Constitution, FeedbackFewShot, sample_feedback_principles
+from cai_jax.cai.judge import JudgeError, JudgeQuestion, LMJudge
 from cai_jax.cai.prompts import Prompt, shard_for_process
 from cai_jax.sampling import generate
-from cai_jax.scoring import option_logprobs
-from cai_jax.text import encode, encode_conversation, render_chat, render_transcript, validate_messages
-from cai_jax.text.render import _adds_bos
+from cai_jax.text import encode_prompt, render_chat, render_transcript, validate_messages
 
 HEADER = "Consider the following conversation between a human and an assistant:"
 ANSWER_CUE = "The answer is:"
@@ -77,38 +77,78 @@ COT_CUE = "Let's think step by step:"
 OPTIONS = (" (A)", " (B)")  # scored continuations of the answer cue
 RENDERINGS = ("raw", "chat")
 SWAP_AVERAGES = ("logit", "prob")
-DEFAULT_COT_STOPS = ("The answer is", "the answer is", "\n\nHuman:", "\n\nConsider the following")
 RESPONSE_STOPS = ("\n\nHuman:",)  # raw policy rendering: the next human turn ends a response
 _RESAMPLES = 3  # extra draws for a sampled response that comes out empty
 
 
+CLAMPS = {"none": None, "20-80": (0.2, 0.8), "40-60": (0.4, 0.6)}  # config feedback.cot_clamp
+LABELS = ("soft", "hard", "cot")  # config feedback.label
+
+
 @dataclasses.dataclass(frozen=True)
 class FeedbackSettings:
-    """Knobs of the feedback stage (all come from the config)."""
+    """Knobs of the feedback stage. No defaults here: they live in the config (`configs/base.py`,
+    section `feedback`), and `from_config` builds the settings from that section."""
 
-    rendering: str = "raw"  # feedback question: raw (base models) | chat (chat template)
-    policy_rendering: str = "chat"  # how the policy sees the prompt: chat | raw
-    temperature: float = 1.0  # response sampling; paper: T = 1
-    top_p: float = 1.0
-    max_new_tokens: int = 128  # per sampled response
-    num_principles: int | None = None  # sample from the first k feedback principles; None = all
-    ensemble: int = 1  # principles per comparison; members' p are averaged
-    num_few_shots: int = 0  # constitution few-shots before the question (cot_few_shots when cot)
-    swap: bool = False  # also ask with B shown first and average (position bias)
-    swap_average: str = "logit"  # logit (cancels a constant position bias exactly) | prob
-    hard: bool = False  # round the final p to 0 / 1
-    clamp: tuple[float, float] | None = None  # clip the final p to [lo, hi]; e.g. (0.4, 0.6)
-    cot: bool = False  # reason after "Let's think step by step:" before answering
-    cot_samples: int = 1  # reasonings per question, each an ensemble member
-    cot_max_new_tokens: int = 128  # tokens of reasoning at most
-    cot_temperature: float = 1.0
-    cot_stop_strings: tuple[str, ...] = DEFAULT_COT_STOPS
-    scoring_batch_size: int = 16  # option sequences per device call
+    rendering: str  # feedback question: raw (base models) | chat (chat template)
+    policy_rendering: str  # how the policy sees the prompt: chat | transcript (or its other name, raw)
+    temperature: float  # response sampling; paper: T = 1
+    top_p: float
+    max_new_tokens: int  # per sampled response
+    num_principles: int | None  # sample from the first k feedback principles; None = all
+    ensemble: int  # principles per comparison; members' p are averaged
+    num_few_shots: int  # constitution few-shots before the question (cot_few_shots when cot)
+    swap: bool  # also ask with B shown first and average (position bias)
+    swap_average: str  # logit (cancels a constant position bias exactly) | prob
+    hard: bool  # round the final p to 0 / 1
+    clamp: tuple[float, float] | None  # clip the final p to [lo, hi]; e.g. (0.4, 0.6)
+    cot: bool  # reason after "Let's think step by step:" before answering
+    cot_samples: int  # reasonings per question, each an ensemble member
+    cot_max_new_tokens: int  # tokens of reasoning at most
+    cot_temperature: float
+    cot_stop_strings: tuple[str, ...]
+    scoring_batch_size: int  # option sequences per device call
+
+    @classmethod
+    def from_config(cls, f: Any, *, policy_rendering: str, **overrides: Any) -> FeedbackSettings:
+        """Settings from a config's `feedback` section (label = soft | hard | cot, cot_clamp = none |
+        20-80 | 40-60, num_principles = ensemble size, principle_limit = pool size, 0 = all).
+
+        Raises:
+          ValueError: naming the config field that is wrong.
+        """
+        if f.label not in LABELS:
+            raise ValueError(f"config feedback.label={f.label!r}; expected one of {', '.join(LABELS)}")
+        if f.cot_clamp not in CLAMPS:
+            raise ValueError(f"config feedback.cot_clamp={f.cot_clamp!r}; expected one of {sorted(CLAMPS)}")
+        cot = f.label == "cot"
+        fields = dict(
+            rendering=f.rendering,
+            policy_rendering=policy_rendering,
+            temperature=float(f.temperature),
+            top_p=float(f.top_p),
+            max_new_tokens=int(f.max_new_tokens),
+            num_principles=int(f.principle_limit) or None,
+            ensemble=int(f.num_principles),
+            num_few_shots=int(f.num_few_shots),
+            swap=bool(f.swap),
+            swap_average=f.swap_average,
+            hard=f.label == "hard",
+            clamp=CLAMPS[f.cot_clamp] if cot else None,
+            cot=cot,
+            cot_samples=int(f.cot_samples) if cot else 1,
+            cot_max_new_tokens=int(f.cot_max_new_tokens),
+            cot_temperature=float(f.cot_temperature),
+            cot_stop_strings=tuple(f.cot_stop_strings),
+            scoring_batch_size=int(f.scoring_batch_size),
+        )
+        return cls(**{**fields, **overrides})
 
     def __post_init__(self):
-        for name in ("rendering", "policy_rendering"):
-            if getattr(self, name) not in RENDERINGS:
-                raise ValueError(f"feedback.{name}={getattr(self, name)!r}; expected raw or chat")
+        if self.rendering not in RENDERINGS:
+            raise ValueError(f"feedback.rendering={self.rendering!r}; expected raw or chat")
+        if self.policy_rendering not in ("chat", "transcript", "raw"):
+            raise ValueError(f"feedback.policy_rendering={self.policy_rendering!r}; expected chat or transcript")
         if self.swap_average not in SWAP_AVERAGES:
             raise ValueError(f"feedback.swap_average={self.swap_average!r}; expected logit or prob")
         ints = ("max_new_tokens", "ensemble", "cot_samples", "cot_max_new_tokens", "scoring_batch_size")
@@ -144,10 +184,10 @@ def _check_rendering(rendering: str) -> None:
 
 
 def conversation_messages(conversation: str | Sequence[dict]) -> list[dict[str, str]]:
-    """A prompt string or a message list ending with a user turn, as validated messages."""
-    if isinstance(conversation, str):
-        conversation = [{"role": "user", "content": conversation}]
-    messages = validate_messages(conversation)
+    """A prompt string or a message list ending with a non-empty user turn, as validated messages."""
+    messages = validate_messages(
+        [{"role": "user", "content": conversation}] if isinstance(conversation, str) else conversation
+    )
     if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
         raise ValueError("feedback: the conversation must end with a non-empty user turn (the responses follow it)")
     return messages
@@ -156,8 +196,8 @@ def conversation_messages(conversation: str | Sequence[dict]) -> list[dict[str, 
 def _block(conversation, response_a: str, response_b: str, principle_text: str) -> str:
     """The question up to the options (no answer cue)."""
     for name, text in (("response_a", response_a), ("response_b", response_b), ("principle", principle_text)):
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"feedback: {name} is empty")
+        if not isinstance(text, str) or (name == "principle" and not text.strip()):
+            raise ValueError(f"feedback: {name} is {'empty' if isinstance(text, str) else 'not a string'}")
     shown = render_transcript(conversation_messages(conversation), add_generation_prompt=False).lstrip("\n")
     return (
         f"{HEADER}\n\n{shown}\n\n{principle_text.strip()}\nOptions:\n(A) {response_a.strip()}\n(B) {response_b.strip()}"
@@ -221,20 +261,11 @@ def chat_question(tokenizer: Any, question: str, cue: str = ANSWER_CUE) -> str:
     return render_chat(tokenizer, [{"role": "user", "content": body.strip()}], add_generation_prompt=True) + opening
 
 
-def encode_question(tokenizer: Any, text: str, rendering: str) -> list[int]:
-    """Token ids of a rendered question; raw text gets BOS where the tokenizer adds it to plain text."""
-    _check_rendering(rendering)
-    ids = encode(tokenizer, text)
-    if rendering == "raw" and _adds_bos(tokenizer):
-        ids = [int(tokenizer.bos_token_id)] + ids
-    return ids
-
-
 def score_options(lm: Any, texts: Sequence[str], options: Sequence[Sequence[str]], *, rendering: str, batch_size: int):
-    """Total log-prob of each option string after each question text: float32 [N, num_options]."""
-    prefixes = [encode_question(lm.tokenizer, t, rendering) for t in texts]
-    opts = [[encode(lm.tokenizer, o) for o in row] for row in options]
-    return option_logprobs(lm, prefixes, opts, batch_size=batch_size)
+    """Total log-prob of each option string after each question text, by `LMJudge`: [N, num_options]."""
+    _check_rendering(rendering)
+    judge = LMJudge(lm, rendering=rendering, batch_size=batch_size)
+    return judge.option_logprobs([JudgeQuestion(t, tuple(o)) for t, o in zip(texts, options)])
 
 
 # ---------------------------------------------------------------- probabilities
@@ -338,10 +369,9 @@ def sample_pairs(policy_lm: Any, prompts: Sequence[Prompt | str], *, rng: jax.Ar
     """
     if not prompts:
         raise ValueError("sample_pairs: no prompts")
-    mode = "chat" if settings.policy_rendering == "chat" else "transcript"
     tok = policy_lm.tokenizer
-    ids = [encode_conversation(tok, prompt_messages(p), mode=mode) for p in prompts]
-    stops = RESPONSE_STOPS if settings.policy_rendering == "raw" else ()
+    ids = [encode_prompt(tok, prompt_messages(p), settings.policy_rendering) for p in prompts]
+    stops = RESPONSE_STOPS if settings.policy_rendering != "chat" else ()
 
     def draw(rows: list[int], key) -> list[str]:
         out = generate(
@@ -390,7 +420,8 @@ def draw_principles(constitution: Constitution, settings: FeedbackSettings, rng:
 
     Few-shot examples that name their principle keep it; the others get a sampled one.
     """
-    ids = [p.id for p in sample_feedback_principles(constitution, settings.ensemble, rng, k=settings.num_principles)]
+    drawn = sample_feedback_principles(constitution, settings.ensemble, rng, k=settings.num_principles, distinct=True)
+    ids = [p.id for p in drawn]
     shots = _few_shots(constitution, settings)
     per_member = []
     for _ in ids:
@@ -413,13 +444,27 @@ def _key_words(rng: jax.Array) -> list[int]:
     return [int(x) for x in np.asarray(jax.random.bits(rng, (2,), np.uint32))]
 
 
+def as_judge(feedback_model: Any, settings: FeedbackSettings) -> Any:
+    """A judge as it is, or a `LoadedModel` wrapped in `LMJudge` with the settings' rendering."""
+    if hasattr(feedback_model, "option_logprobs"):
+        return feedback_model
+    return LMJudge(feedback_model, rendering=settings.rendering, batch_size=settings.scoring_batch_size)
+
+
 def label_pairs(
-    feedback_lm: Any, rows: Sequence[dict], constitution: Constitution, *, settings: FeedbackSettings, rng: jax.Array
+    judge: Any,
+    rows: Sequence[dict],
+    constitution: Constitution,
+    *,
+    settings: FeedbackSettings,
+    rng: jax.Array,
+    allow_empty: bool = False,
 ) -> list[dict]:
     """AI labels for given response pairs (no response sampling); see the module docstring.
 
     Args:
-      feedback_lm: the feedback model (`LoadedModel`).
+      judge: a `cai.judge` judge (an `LMJudge`, a `CallableJudge`, ...) or a `LoadedModel`
+        (wrapped in an `LMJudge` reading the settings' rendering).
       rows: dicts with "prompt" (str) or "messages" (ending with a user turn), "response_a" and
         "response_b"; optional "prompt_id", "index" (seeds the principle draw; default: position)
         and "principle_ids" / "few_shot_principle_ids" (as `draw_principles` returns) to fix them.
@@ -427,6 +472,8 @@ def label_pairs(
       settings: FeedbackSettings.
       rng: a jax key; principles are drawn from numpy generators seeded by (rng, index), the
         CoT reasonings from `fold_in(rng, 1)`.
+      allow_empty: judge empty responses as they are (evals compare whatever the models said);
+        the feedback stage refuses them (its sampler redraws empty samples).
 
     Returns:
       One dict per row: the row's fields plus principle_ids [M], few_shot_principle_ids [M][S],
@@ -436,15 +483,20 @@ def label_pairs(
     """
     if not rows:
         raise ValueError("label_pairs: no rows")
+    judge = as_judge(judge, settings)
     _check_constitution(constitution, settings)
-    tok, shots = feedback_lm.tokenizer, _few_shots(constitution, settings)
+    if settings.rendering == "chat" and judge.tokenizer is None:
+        raise JudgeError(f"judge {judge.name} reads raw text only: set feedback.rendering='raw'")
+    if settings.cot and not isinstance(judge, LMJudge):
+        raise JudgeError(f"judge {judge.name} cannot write chain-of-thought reasoning (feedback.label='cot')")
+    tok, shots = judge.tokenizer, _few_shots(constitution, settings)
     words, reps = _key_words(jax.random.fold_in(rng, 0)), settings.cot_samples
     orders = (False, True) if settings.swap else (False,)
-    texts, drawn = [], []
+    questions, drawn = [], []
     for j, row in enumerate(rows):
         name = row.get("prompt_id", j)
         for field in ("response_a", "response_b"):
-            if not isinstance(row.get(field), str) or not row[field].strip():
+            if not isinstance(row.get(field), str) or not (allow_empty or row[field].strip()):
                 raise ValueError(f"label_pairs: row {name!r} has an empty {field}")
         convo = row.get("messages") or row.get("prompt")
         if not convo:
@@ -456,31 +508,33 @@ def label_pairs(
                 f"label_pairs: row {name!r} gives {len(d['principle_ids'])} principle_ids, ensemble={settings.ensemble}"
             )
         drawn.append(d)
+        messages = tuple(conversation_messages(convo))
         for m, pid in enumerate(d["principle_ids"]):
             few = [(s, constitution.feedback_principle(i).text) for s, i in zip(shots, d["few_shot_principle_ids"][m])]
+            principle = constitution.feedback_principle(pid).text
             for swapped in orders:
                 pair = (row["response_b"], row["response_a"]) if swapped else (row["response_a"], row["response_b"])
                 q = build_mc_question(
-                    convo, *pair, constitution.feedback_principle(pid).text,
-                    few_shots=few, rendering=settings.rendering, tokenizer=tok, cot=settings.cot,
+                    convo, *pair, principle, few_shots=few, rendering=settings.rendering, tokenizer=tok,
+                    cot=settings.cot,
                 )  # fmt: skip
-                texts += [q] * reps
-    _check_length(feedback_lm, texts, rows, settings)
-    reasoning = [""] * len(texts)
+                questions += [JudgeQuestion(q, OPTIONS, messages, pair, principle)] * reps
+    reasoning = [""] * len(questions)
     if settings.cot:
+        _check_length(judge, [q.text for q in questions], rows, settings)
         out = generate(
-            feedback_lm,
-            [encode_question(tok, t, settings.rendering) for t in texts],
+            judge.lm,
+            [judge.encode(q.text) for q in questions],
             rng=jax.random.fold_in(rng, 1),
             max_new_tokens=settings.cot_max_new_tokens,
             temperature=settings.cot_temperature,
             stop_strings=settings.cot_stop_strings,
         )
         reasoning = [t.strip() for t in out.texts(tok)]
-        texts = [cot_answer_prefix(t, r) for t, r in zip(texts, reasoning)]
-    logps = score_options(
-        feedback_lm, texts, [OPTIONS] * len(texts), rendering=settings.rendering, batch_size=settings.scoring_batch_size
-    )
+        questions = [dataclasses.replace(q, text=cot_answer_prefix(q.text, r)) for q, r in zip(questions, reasoning)]
+    elif isinstance(judge, LMJudge):
+        _check_length(judge, [q.text for q in questions], rows, settings)
+    logps = judge.option_logprobs(questions)
     members = settings.ensemble * reps
     # [rows, ensemble, orders, reps, ...] -> [rows, orders, members, ...] (members principle-major).
     logps = logps.astype(np.float64).reshape(len(rows), settings.ensemble, len(orders), reps, 2)
@@ -518,14 +572,14 @@ def label_pairs(
     return out
 
 
-def _check_length(lm: Any, texts: Sequence[str], rows: Sequence[dict], settings: FeedbackSettings) -> None:
+def _check_length(judge: LMJudge, texts: Sequence[str], rows: Sequence[dict], settings: FeedbackSettings) -> None:
     """A question (plus room for reasoning and the option) longer than the context names its row."""
-    context, per_row = lm.config.max_position_embeddings, len(texts) // len(rows)
+    context, per_row = judge.config.max_position_embeddings, len(texts) // len(rows)
     room = 8 + (settings.cot_max_new_tokens + 8 if settings.cot else 0)
     for i, t in enumerate(texts):
         if i % settings.cot_samples:
             continue  # the other samples of one question share its text
-        n = len(encode_question(lm.tokenizer, t, settings.rendering))
+        n = len(judge.encode(t))
         if n + room > context:
             row = rows[i // per_row]
             raise ValueError(
@@ -539,17 +593,21 @@ def _check_length(lm: Any, texts: Sequence[str], rows: Sequence[dict], settings:
 
 
 def _model_id(lm: Any) -> list[str]:
+    if isinstance(lm, LMJudge):
+        lm = lm.lm
+    elif not hasattr(lm, "config"):  # a judge that is not a model: its name says which
+        return [str(getattr(lm, "name", type(lm).__name__))]
     return [str(getattr(lm, "path", None)), repr(lm.config)]
 
 
-def _fingerprint(settings, seed, batch_size, constitution, prompts, policy_lm, feedback_lm) -> str:
+def _fingerprint(settings, seed, batch_size, constitution, prompts, policy_lm, judge) -> str:
     blob = json.dumps(
         {
             "settings": dataclasses.asdict(settings),
             "seed": seed,
             "batch_size": batch_size,
             "policy": _model_id(policy_lm),
-            "feedback_model": _model_id(feedback_lm),
+            "feedback_model": _model_id(judge),
             "principles": [dataclasses.asdict(p) for p in constitution.feedback_principles],
             "few_shots": [dataclasses.asdict(s) for s in _few_shots(constitution, settings)],
             "prompts": [(_prompt_id(p, i), prompt_messages(p)) for i, p in enumerate(prompts)],
@@ -563,13 +621,12 @@ def _check_prompts(prompts: Sequence[Prompt | str], policy_lm: Any, settings: Fe
     """Empty prompts, and prompts too long to answer within the policy's context, name their id."""
     if not prompts:
         raise ValueError("feedback: the prompt list is empty")
-    mode = "chat" if settings.policy_rendering == "chat" else "transcript"
     context = policy_lm.config.max_position_embeddings
     for i, p in enumerate(prompts):
         text = p.text if isinstance(p, Prompt) else p
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"feedback: prompt {_prompt_id(p, i)!r} is empty")
-        n = len(encode_conversation(policy_lm.tokenizer, prompt_messages(p), mode=mode))
+        n = len(encode_prompt(policy_lm.tokenizer, prompt_messages(p), settings.policy_rendering))
         if n + settings.max_new_tokens > context:
             raise ValueError(
                 f"feedback: prompt {_prompt_id(p, i)!r} renders to {n} tokens; with max_new_tokens="
@@ -577,7 +634,7 @@ def _check_prompts(prompts: Sequence[Prompt | str], policy_lm: Any, settings: Fe
             )
 
 
-def feedback_batch(policy_lm, feedback_lm, constitution, prompts, indices, key, settings, seed) -> list[dict]:
+def feedback_batch(policy_lm, judge, constitution, prompts, indices, key, settings, seed) -> list[dict]:
     """Samples and labels one batch: responses from `fold_in(key, 0)`, CoT from `fold_in(key, 1)`."""
     pairs = sample_pairs(policy_lm, prompts, rng=jax.random.fold_in(key, 0), settings=settings)
     rows = [
@@ -594,7 +651,7 @@ def feedback_batch(policy_lm, feedback_lm, constitution, prompts, indices, key, 
         }
         for p, i, (a, b) in zip(prompts, indices, pairs)
     ]
-    return label_pairs(feedback_lm, rows, constitution, settings=settings, rng=jax.random.fold_in(key, 1))
+    return label_pairs(judge, rows, constitution, settings=settings, rng=jax.random.fold_in(key, 1))
 
 
 def _shard(out: Path, process_index: int, batch: int) -> Path:
@@ -603,7 +660,7 @@ def _shard(out: Path, process_index: int, batch: int) -> Path:
 
 def run_feedback(
     policy_lm: Any,
-    feedback_lm: Any,
+    judge: Any,
     prompts: Sequence[Prompt | str],
     constitution: Constitution,
     out_dir: str | os.PathLike,
@@ -619,7 +676,8 @@ def run_feedback(
 
     Args:
       policy_lm: the model that answers (the SL-CAI model).
-      feedback_lm: the model that labels; may be the same object as `policy_lm`.
+      judge: what labels (`cai.judge`), or a `LoadedModel` (an `LMJudge` in the settings'
+        rendering); may be the same model as `policy_lm`.
       prompts: red-team prompts (`Prompt` or plain strings), the same list on every process.
       constitution: supplies the feedback principles and few-shots.
       out_dir: output folder; rows go to `rows-p<process>-b<batch>.jsonl`.
@@ -637,11 +695,12 @@ def run_feedback(
         raise ValueError(f"feedback: batch_size={batch_size} must be >= 1")
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
+    judge = as_judge(judge, settings)
     _check_constitution(constitution, settings)
     _check_prompts(prompts, policy_lm, settings)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(settings, seed, batch_size, constitution, prompts, policy_lm, feedback_lm)
+    fingerprint = _fingerprint(settings, seed, batch_size, constitution, prompts, policy_lm, judge)
     meta_path = out / "meta.json"
     if meta_path.exists():
         old = json.loads(meta_path.read_text()).get("fingerprint")
@@ -672,7 +731,7 @@ def run_feedback(
         if path.exists():
             continue
         rows = feedback_batch(
-            policy_lm, feedback_lm, constitution, [prompts[i] for i in idx], idx, jax.random.fold_in(base, b), settings, seed
+            policy_lm, judge, constitution, [prompts[i] for i in idx], idx, jax.random.fold_in(base, b), settings, seed
         )  # fmt: skip
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w") as f:

@@ -91,7 +91,7 @@ class Judge(Protocol):
 
 
 def _adds_bos(tokenizer: Any) -> bool:
-    from cai_jax.text.render import _adds_bos as adds
+    from cai_jax.text.tokenizer import adds_bos as adds
 
     return adds(tokenizer)
 

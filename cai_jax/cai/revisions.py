@@ -46,7 +46,7 @@ import numpy as np
 from cai_jax.cai.constitution import Constitution, SLPrinciple, sample_sl_principles
 from cai_jax.cai.prompts import Prompt, shard_for_process
 from cai_jax.sampling import generate
-from cai_jax.text import render_chat
+from cai_jax.text import encode_text, render_chat
 
 # (kind, transcript label, chat role)
 _TURNS = {
@@ -176,7 +176,7 @@ def _check_prompts(prompts: Sequence[Prompt], lm, constitution: Constitution, se
         # The first step's full text (few-shots and template included), then every generated
         # step and its request: 64 tokens is a generous bound for a request turn.
         first = render_step(lm.tokenizer, shots + [("human", p.text)], "assistant", settings.rendering)
-        n = len(lm.tokenizer(first, add_special_tokens=False)["input_ids"])
+        n = len(encode_text(lm.tokenizer, first, settings.rendering))
         need = n + steps * (settings.max_new_tokens + 64)
         if need > context:
             raise ValueError(
@@ -187,7 +187,7 @@ def _check_prompts(prompts: Sequence[Prompt], lm, constitution: Constitution, se
 
 
 def _generate_step(lm, texts: list[str], key, settings: RevisionSettings) -> list[str]:
-    ids = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ids = [encode_text(lm.tokenizer, t, settings.rendering) for t in texts]
     stops = TRANSCRIPT_STOPS if settings.rendering == "transcript" else ()
     out = generate(
         lm,

@@ -2,7 +2,9 @@
 loss mask on the response tokens (paper sec. 3.1).
 
 `revision_round=n` gives SL-CAI-n: by default one example per round 1..n (every revision up to
-round n), or with `final_only=True` only the round-n revision. Helpful samples are the helpful
+round n), or with `final_only=True` only the round-n revision. Round 0 is the initial answer:
+SL-CAI-0 fine-tunes on the model's own unrevised answers (the no-revision baseline of the
+revision-count ablation, paper Fig. 5), with or without `final_only`. Helpful samples are the helpful
 model's own answers to helpfulness prompts (the revision engine's output with 0 rounds: its
 `initial_response`), added at `helpful_ratio` helpful examples per harmlessness example (drawn
 without replacement with `seed`, capped at what exists).
@@ -16,16 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from cai_jax.text import render_chat
+from cai_jax.text import encode_exchange
 
 
 @dataclasses.dataclass(frozen=True)
 class SFTExample:
     prompt: str
     response: str
-    source: str  # "revision_<round>" or "helpful"
+    source: str  # "revision_<round>" (round 0: the initial answer) or "helpful"
     input_ids: tuple[int, ...]
-    loss_mask: tuple[int, ...]  # 1 on response tokens (and the closing end-of-turn token), else 0
+    loss_mask: tuple[int, ...]  # 1 on response tokens and the end-of-turn token that closes them, else 0
 
 
 def _pairs(rows: Iterable[dict], revision_round: int | None, final_only: bool) -> list[tuple[str, str, str]]:
@@ -36,32 +38,22 @@ def _pairs(rows: Iterable[dict], revision_round: int | None, final_only: bool) -
                 raise ValueError(f"revision row {i} (id {row.get('id')!r}): missing field {field!r}")
         rounds = row["rounds"]
         n = len(rounds) if revision_round is None else revision_round
-        if n > len(rounds):
+        if n < 0 or n > len(rounds):
             raise ValueError(f"revision row {i} (id {row.get('id')!r}): has {len(rounds)} rounds, SL-CAI-{n} needs {n}")
-        chosen = range(n - 1, n) if final_only else range(n)
-        for r in chosen:
+        if n == 0:
+            if "initial_response" not in row:
+                raise ValueError(f"revision row {i} (id {row.get('id')!r}): missing field 'initial_response'")
+            out.append((row["prompt"], row["initial_response"], "revision_0"))
+            continue
+        for r in range(n - 1, n) if final_only else range(n):
             out.append((row["prompt"], rounds[r]["revision"], f"revision_{r + 1}"))
     return out
 
 
-def tokenize_pair(tokenizer, prompt: str, response: str, rendering: str = "chat") -> tuple[list[int], list[int]]:
-    """Token ids of a (prompt, response) exchange and the mask of the response tokens."""
-    if rendering == "chat":
-        user = [{"role": "user", "content": prompt}]
-        head = render_chat(tokenizer, user, add_generation_prompt=True)
-        full = render_chat(tokenizer, user + [{"role": "assistant", "content": response}], add_generation_prompt=False)
-        if not full.startswith(head):
-            raise ValueError("the chat template does not render the prompt as a prefix of the full exchange")
-        head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-        tail_ids = tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"]
-    elif rendering == "transcript":
-        head_ids = tokenizer(f"\n\nHuman: {prompt}\n\nAssistant:", add_special_tokens=False)["input_ids"]
-        tail_ids = tokenizer(" " + response, add_special_tokens=False)["input_ids"]
-        if tokenizer.eos_token_id is not None:
-            tail_ids = tail_ids + [tokenizer.eos_token_id]
-    else:
-        raise ValueError(f"rendering={rendering!r}; expected chat or transcript")
-    return head_ids + tail_ids, [0] * len(head_ids) + [1] * len(tail_ids)
+def tokenize_pair(tokenizer, prompt, response: str, rendering: str = "chat") -> tuple[list[int], list[int]]:
+    """Token ids of a (prompt, response) exchange (`text.encode_exchange`) and the mask of its response tokens."""
+    head, tail = encode_exchange(tokenizer, prompt, response, rendering)
+    return head + tail, [0] * len(head) + [1] * len(tail)
 
 
 def build_sft_examples(

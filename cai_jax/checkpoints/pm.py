@@ -1,9 +1,11 @@
 """The preference-model artifact: an HF-format backbone folder plus the score head and reward stats.
 
-    save_pm(folder, params, cfg, tokenizer=tok, reward_stats={"mean": m, "std": s, "count": n})
+    save_pm(folder, params, cfg, tokenizer=tok, rendering="chat", seq_len=512,
+            reward_stats={"mean": m, "std": s, "count": n})
     pm = load_pm(folder)
-    scores = pm.score([[1, 5, 7], [1, 9]])          # float32 [N], one score per token-id list
-    reward = (scores - pm.reward_mean) / pm.reward_std   # the normalised RL reward
+    raw = pm.score_texts(prompts, responses)   # float32 [N]: texts encoded exactly as in training
+    reward = pm.normalize(raw)                 # (raw - reward_mean) / reward_std, the RL reward
+    pm.score([[1, 5, 7], [1, 9]])              # float32 [N], one score per token-id list
 
 Folder layout:
 
@@ -14,9 +16,13 @@ Folder layout:
     score_head.safetensors
         "kernel" [E, 1] and "bias" [1] of `ScalarModel`'s head, in our layout.
     pm.json
-        {"format": "cai_jax.pm", "version": 1, "reward_mean", "reward_std", "count",
-         "tie_word_embeddings", "metadata": {...}}; reward_mean / reward_std are the statistics of
-        the PM's scores of its training responses (`eval.pm.reward_stats`), null when not given.
+        {"format": "cai_jax.pm", "version": 2, "rendering", "seq_len", "reward_mean",
+         "reward_std", "count", "tie_word_embeddings", "metadata": {...}}; rendering and seq_len
+        are how training encoded (prompt, response) pairs (`text.encode_exchange`, cut to seq_len
+        by `text.fit_exchange`), so `score_texts` reads texts exactly as training did;
+        reward_mean / reward_std are the statistics of the PM's scores of its training responses
+        (`eval.pm.reward_stats`), null when not given. Version 1 folders (no rendering) load, but
+        only `score` works on them.
 
 The folder is written under a temporary name next to it and renamed into place, so a killed save
 never leaves a half-written artifact under the final name (an existing one is replaced).
@@ -48,7 +54,7 @@ __all__ = ["save_pm", "load_pm", "LoadedPM", "HEAD_NAME", "PM_JSON"]
 
 HEAD_NAME = "score_head.safetensors"
 PM_JSON = "pm.json"
-FORMAT, VERSION = "cai_jax.pm", 1
+FORMAT, VERSION = "cai_jax.pm", 2
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -63,6 +69,9 @@ def save_pm(
     tokenizer: Any = None,
     reward_stats: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    *,
+    rendering: str | None = None,
+    seq_len: int | None = None,
 ) -> Path:
     """Writes a PM folder (see the module docstring) atomically.
 
@@ -74,6 +83,7 @@ def save_pm(
       reward_stats: {"mean", "std"} and optionally "count" (`eval.pm.reward_stats` output, or the
         same with "reward_" prefixes); None leaves them null.
       metadata: JSON-able extras stored under pm.json's "metadata" (e.g. eval metrics, data hash).
+      rendering, seq_len: how training encoded its comparisons; `score_texts` needs both.
 
     Returns:
       The folder's path.
@@ -86,9 +96,16 @@ def save_pm(
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
     stats = dict(reward_stats or {})
+    if rendering is not None:
+        from cai_jax.text.exchange import RENDERINGS
+
+        if rendering not in RENDERINGS:
+            raise ValueError(f"save_pm: rendering={rendering!r}; expected one of {RENDERINGS}")
     meta = {
         "format": FORMAT,
         "version": VERSION,
+        "rendering": rendering,
+        "seq_len": None if seq_len is None else int(seq_len),
         "reward_mean": _finite_or_none(stats.get("mean", stats.get("reward_mean"))),
         "reward_std": _finite_or_none(stats.get("std", stats.get("reward_std"))),
         "count": stats.get("count", stats.get("reward_count")),
@@ -134,19 +151,67 @@ class LoadedPM:
     path: Path
     count: int | None = None
     metadata: dict = dataclasses.field(default_factory=dict)
+    rendering: str | None = None
+    seq_len: int | None = None
 
     def apply(self, *args, **kwargs):
         return self.model.apply({"params": self.params}, *args, **kwargs)
 
+    @property
+    def pad_id(self) -> int:
+        from cai_jax.text import pad_id
+
+        return pad_id(self.tokenizer) if self.tokenizer is not None else int(self.config.pad_token_id or 0)
+
+    def encode(self, prompt: Any, response: str, *, closed: bool = True) -> list[int]:
+        """The token ids this PM reads for a (prompt, response), as its training encoded them."""
+        from cai_jax.text import encode_exchange, fit_exchange
+
+        if self.tokenizer is None or self.rendering is None or self.seq_len is None:
+            raise ValueError(
+                f"PM folder {self.path}: scoring texts needs its tokenizer and the rendering and seq_len it was "
+                "trained with (pm.json version 2); this folder lacks them, so only token ids can be scored"
+            )
+        head, tail = encode_exchange(self.tokenizer, prompt, response, self.rendering, closed=closed)
+        return fit_exchange(head, tail, self.seq_len)[0]
+
+    def score_texts(self, prompts: Sequence[Any], responses: Sequence[str], *, batch_size: int = 8) -> np.ndarray:
+        """Raw scores of (prompt, response) texts, encoded exactly as PM training saw them.
+
+        Args:
+          prompts: N prompts (a string: one user turn; or a message list ending with a user turn).
+          responses: N response texts.
+
+        Returns:
+          float32 [N] raw (unnormalised) scores; `normalize` turns them into RL rewards.
+        """
+        if len(prompts) != len(responses):
+            raise ValueError(f"score_texts: {len(prompts)} prompts but {len(responses)} responses")
+        ids = [self.encode(p, r) for p, r in zip(prompts, responses)]
+        return self.score(ids, batch_size=batch_size, pad_id=self.pad_id)
+
+    def normalize(self, raw: Any) -> np.ndarray:
+        """(raw - reward_mean) / reward_std: scores in the units PPO's rewards and evals use.
+
+        Raises:
+          ValueError: the artifact holds no reward statistics (or a zero std).
+        """
+        if self.reward_mean is None or not self.reward_std:
+            raise ValueError(
+                f"PM folder {self.path}: no reward statistics (reward_mean={self.reward_mean}, reward_std="
+                f"{self.reward_std}); export the PM with them (train_pm computes them) before normalising"
+            )
+        return ((np.asarray(raw, np.float64) - self.reward_mean) / self.reward_std).astype(np.float32)
+
     def score(self, token_id_lists: Sequence[Sequence[int]], *, batch_size: int = 32, pad_id: int = 0) -> np.ndarray:
         """Scores token sequences (prompt + response ids, unpadded), read at each one's last token.
 
-        Sequences are right-padded per batch to a multiple of 16 (bounded recompiles).
+        Sequences are right-padded per batch to a bucketed length (`text.bucket_length`: few recompiles).
 
         Returns:
           float32 [N] raw (unnormalised) scores.
         """
-        from cai_jax.text.batching import right_pad
+        from cai_jax.text.batching import bucket_length, right_pad
 
         if not len(token_id_lists):
             return np.zeros((0,), np.float32)
@@ -156,7 +221,7 @@ class LoadedPM:
             chunk = list(token_id_lists[lo : lo + batch_size])
             n = len(chunk)
             chunk += [chunk[0]] * (batch_size - n) if len(token_id_lists) > batch_size else []
-            tokens_BL, mask_BL = right_pad(chunk, pad_id, multiple_of=16)
+            tokens_BL, mask_BL = right_pad(chunk, pad_id, length=bucket_length(max(map(len, chunk)), 16))
             out.append(np.asarray(fn(self.params, tokens_BL, mask_BL))[:n])
         return np.concatenate(out).astype(np.float32)
 
@@ -232,4 +297,6 @@ def load_pm(folder: str | os.PathLike, *, with_tokenizer: bool = True, param_dty
         path=folder,
         count=None if count is None else int(count),
         metadata=dict(meta.get("metadata") or {}),
+        rendering=meta.get("rendering"),
+        seq_len=None if meta.get("seq_len") is None else int(meta["seq_len"]),
     )

@@ -26,7 +26,9 @@ Elo is the log-strength on the chess scale: Elo = theta * 400 / ln(10), so a dif
 is 10:1 odds, as in the paper. Confidence intervals are percentile intervals of a bootstrap over
 comparisons, stratified by model pair: each resample redraws, with replacement, as many comparisons
 of each pair as the data holds, so every resample has the data's comparison graph (an unstratified
-resample can drop a rarely compared model and leave its score undefined).
+resample can drop a rarely compared model and leave its score undefined). When comparisons come in
+clusters (all model pairs judged on the same prompt), `elo_scores(..., groups=prompt_ids)`
+resamples the clusters instead, so the interval carries the variation between prompts.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ class _Pairs:
     j_P: np.ndarray  # int [P]
     p_by_pair: list[np.ndarray]  # P arrays of the targets of each pair's comparisons
     n_per_model: np.ndarray  # int [M]
+    pair_C: np.ndarray  # int [C]: the pair of each comparison, in input order
+    p_C: np.ndarray  # float [C]: each comparison's target oriented as P(i beats j) of its pair
 
 
 def _check_comparison(c: int, comp, fn: str) -> tuple[str, str, float]:
@@ -98,6 +102,7 @@ def _group(comparisons: Iterable, models: Sequence[str] | None, fn: str) -> _Pai
     if models is not None and len(names) < 2:
         raise ValueError(f"{fn}: need at least 2 models, got models={list(models)}")
     by_pair: dict[tuple[int, int], list[float]] = {}
+    key_C, p_C = [], []
     for c, comp in enumerate(comparisons):
         a, b, p = _check_comparison(c, comp, fn)
         for m in (a, b):
@@ -108,6 +113,8 @@ def _group(comparisons: Iterable, models: Sequence[str] | None, fn: str) -> _Pai
         i, j = names[a], names[b]
         key, p_i = ((i, j), p) if i < j else ((j, i), 1.0 - p)
         by_pair.setdefault(key, []).append(p_i)
+        key_C.append(key)
+        p_C.append(p_i)
 
     name_list = list(names)
     if len(name_list) < 2:
@@ -121,12 +128,15 @@ def _group(comparisons: Iterable, models: Sequence[str] | None, fn: str) -> _Pai
         raise ValueError(f"{fn}: models {missing} appear in no comparison")
     _check_connected(name_list, by_pair, fn)
     keys = sorted(by_pair)
+    index = {k: n for n, k in enumerate(keys)}
     return _Pairs(
         names=name_list,
         i_P=np.array([k[0] for k in keys], np.int64),
         j_P=np.array([k[1] for k in keys], np.int64),
         p_by_pair=[np.asarray(by_pair[k], np.float64) for k in keys],
         n_per_model=n_per_model,
+        pair_C=np.array([index[k] for k in key_C], np.int64),
+        p_C=np.asarray(p_C, np.float64),
     )
 
 
@@ -290,11 +300,21 @@ def elo_scores(
     seed: int = 0,
     models: Sequence[str] | None = None,
     l2: float = 1e-4,
+    groups: Sequence | None = None,
 ) -> dict[str, EloScore]:
-    """Elo scores (400 Elo = 10:1 odds) with stratified-bootstrap percentile intervals.
+    """Elo scores (400 Elo = 10:1 odds) with bootstrap percentile intervals.
+
+    Without `groups` the bootstrap is stratified by model pair (module docstring). With `groups`,
+    one key per comparison (e.g. the index of the prompt it was judged on), it is a cluster
+    bootstrap: each resample draws as many groups as there are, with replacement, and keeps every
+    comparison of each drawn group. Comparisons on one prompt are correlated (every model answered
+    the same question), so resampling them one by one treats them as independent and gives too
+    narrow an interval; resampling prompts carries their variation into the interval. A resample
+    that leaves a model pair without comparisons is drawn again.
 
     Args:
       comparisons, anchor, models, l2: as in `fit_bradley_terry`.
+      groups: a cluster key per comparison (hashable), or None.
       n_bootstrap: bootstrap resamples; 0 skips the intervals (lo = hi = NaN).
       level: the interval's coverage, in (0, 1): percentiles (1 - level) / 2 and (1 + level) / 2.
       seed: seeds numpy's default_rng; the same seed and data give the same intervals.
@@ -314,19 +334,38 @@ def elo_scores(
     pairs = _group(comparisons, models, fn)
     _check_args(pairs, anchor, l2, fn)
     elo_M = _fit(pairs, anchor, l2, fn) * ELO_PER_NAT
+    if groups is not None:
+        groups = list(groups)
+        if len(groups) != len(pairs.p_C):
+            raise ValueError(f"{fn}: {len(groups)} groups for {len(pairs.p_C)} comparisons")
+        keys = {g: n for n, g in enumerate(dict.fromkeys(groups))}
+        group_C = np.array([keys[g] for g in groups], np.int64)
 
     lo_M = hi_M = np.full(len(pairs.names), np.nan)
     if n_bootstrap > 0:
         rng = np.random.default_rng(seed)
         boot_BM = np.empty((n_bootstrap, len(pairs.names)))
         for b in range(n_bootstrap):
-            resampled = [rng.choice(p, size=p.size, replace=True) for p in pairs.p_by_pair]
+            if groups is None:
+                resampled = [rng.choice(p, size=p.size, replace=True) for p in pairs.p_by_pair]
+            else:
+                resampled = _cluster_resample(pairs, group_C, len(keys), rng, fn)
             boot_BM[b] = _fit(dataclasses.replace(pairs, p_by_pair=resampled), anchor, l2, fn) * ELO_PER_NAT
         lo_M, hi_M = np.percentile(boot_BM, [50.0 * (1.0 - level), 50.0 * (1.0 + level)], axis=0)
     return {
         name: EloScore(elo=float(e), lo=float(lo), hi=float(hi), n_comparisons=int(n))
         for name, e, lo, hi, n in zip(pairs.names, elo_M, lo_M, hi_M, pairs.n_per_model)
     }
+
+
+def _cluster_resample(pairs: _Pairs, group_C: np.ndarray, n_groups: int, rng, fn: str) -> list[np.ndarray]:
+    """Each pair's targets in one cluster-bootstrap resample (groups drawn with replacement)."""
+    for _ in range(100):
+        weight_C = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)[group_C]
+        out = [np.repeat(pairs.p_C[pairs.pair_C == k], weight_C[pairs.pair_C == k]) for k in range(len(pairs.i_P))]
+        if all(p.size for p in out):
+            return out
+    raise ValueError(f"{fn}: 100 cluster resamples in a row left a model pair without comparisons; too few groups")
 
 
 def elo_win_probability(elo_a: float, elo_b: float) -> float:

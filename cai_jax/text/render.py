@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from cai_jax.text.tokenizer import encode
+from cai_jax.text.tokenizer import adds_bos, encode
 
 ROLES = ("user", "assistant", "system")
 MODES = ("chat", "transcript")
@@ -124,15 +124,6 @@ def render(
     raise ValueError(f"unknown render mode {mode!r} (expected one of {', '.join(MODES)})")
 
 
-def _adds_bos(tokenizer: Any) -> bool:
-    """Whether the tokenizer prepends BOS by default (Llama does, SmolLM2/GPT-2 do not)."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    ids = tokenizer("x")["input_ids"]
-    return bool(ids) and ids[0] == bos
-
-
 def encode_conversation(
     tokenizer: Any, messages: Sequence[dict[str, Any]], mode: str = "chat", add_generation_prompt: bool = True
 ) -> list[int]:
@@ -152,7 +143,7 @@ def encode_conversation(
       The token ids as a list of Python ints.
     """
     ids = encode(tokenizer, render(tokenizer, messages, mode, add_generation_prompt))
-    if mode == "transcript" and _adds_bos(tokenizer):
+    if mode == "transcript" and adds_bos(tokenizer):
         ids = [int(tokenizer.bos_token_id)] + ids
     return ids
 

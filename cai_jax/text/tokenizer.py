@@ -32,6 +32,15 @@ def encode(tokenizer: Any, text: str, add_special_tokens: bool = False) -> list[
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer prepends BOS to plain text by default (Llama does, SmolLM2/GPT-2 do not)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("x")["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
 def _special_token_id(tokenizer: Any, token: str) -> int | None:
     """Id of `token` only if the vocabulary really holds it (convert_tokens_to_ids maps misses to unk)."""
     token_id = tokenizer.get_vocab().get(token)

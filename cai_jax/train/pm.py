@@ -333,7 +333,7 @@ def train_pm(
             json.dump(_json_safe(report), f, indent=2)
         os.replace(path + ".tmp", path)
     if export_dir is not None:
-        _export(state.params, model_cfg, export_dir, tokenizer, report)
+        _export(state.params, model_cfg, export_dir, tokenizer, report, rendering=rendering, seq_len=seq_len)
     return PMResult(state, report)
 
 
@@ -365,7 +365,7 @@ def _evaluate(
     return report
 
 
-def _export(params, cfg: ModelConfig, folder, tokenizer, report: dict) -> None:
+def _export(params, cfg: ModelConfig, folder, tokenizer, report: dict, *, rendering: str, seq_len: int) -> None:
     """Gathers (possibly sharded, multi-host) params and writes the PM artifact on process 0."""
     from cai_jax.checkpoints.pm import save_pm
 
@@ -382,6 +382,8 @@ def _export(params, cfg: ModelConfig, folder, tokenizer, report: dict) -> None:
             tokenizer=tokenizer,
             reward_stats=stats,
             metadata=_json_safe({"steps": report["steps"], "eval": summary}),
+            rendering=rendering,
+            seq_len=seq_len,
         )
 
 

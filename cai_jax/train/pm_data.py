@@ -182,58 +182,24 @@ def mix_comparisons(harmless: Any, helpful: Any, helpful_fraction: float, seed: 
 # ---------------------------------------------------------------- tokenisation and batches
 
 
-def _head_tail(tokenizer: Any, prompt: str | list[dict], response: str, rendering: str) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt (with the assistant-turn opening) and of the response."""
-    from cai_jax.cai.sft_data import tokenize_pair
-    from cai_jax.text import render_chat, render_transcript
-
-    if isinstance(prompt, str):
-        ids, mask = tokenize_pair(tokenizer, prompt, response, rendering)
-        k = mask.index(1) if 1 in mask else len(mask)
-        return ids[:k], ids[k:]
-    if rendering == "chat":  # a multi-turn prompt (hh-rlhf): the same prefix logic as tokenize_pair
-        head = render_chat(tokenizer, prompt, add_generation_prompt=True)
-        full = render_chat(tokenizer, prompt + [{"role": "assistant", "content": response}], False)
-        if not full.startswith(head):
-            raise ValueError("the chat template does not render the prompt as a prefix of the full exchange")
-        tail_text = full[len(head) :]
-        eos = []
-    elif rendering == "transcript":
-        head, tail_text = render_transcript(prompt, add_generation_prompt=True), " " + response
-        eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    else:
-        raise ValueError(f"rendering={rendering!r}; expected chat or transcript")
-    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-    return head_ids, tokenizer(tail_text, add_special_tokens=False)["input_ids"] + eos
-
-
-def _fit(head: list[int], tail: list[int], seq_len: int) -> tuple[list[int], int]:
-    """head + tail in at most seq_len tokens, cut from the left: (ids, 0 fits / 1 prompt cut / 2 response cut)."""
-    if len(head) + len(tail) <= seq_len:
-        return head + tail, 0
-    if len(tail) <= seq_len:
-        keep = seq_len - len(tail)
-        return (head[len(head) - keep :] if keep else []) + tail, 1
-    return tail[len(tail) - seq_len :], 2
-
-
 def tokenize_comparison(
     tokenizer: Any, row: Mapping[str, Any], *, seq_len: int, rendering: str = "chat"
 ) -> tuple[dict, int]:
     """Prompt + response token ids for both sides of a validated comparison.
 
-    Each side is rendered like an SFT example (`cai.sft_data.tokenize_pair`: the chat template or
-    the raw transcript, the response closed by the end-of-turn / EOS token) and cut to `seq_len`
-    from the left: the prompt's start goes first, and only a response longer than `seq_len` loses
-    its own start. The score is read at the last token, so the end is what must survive.
+    Each side is encoded like an SFT example (`text.encode_exchange`: the chat template or the raw
+    transcript, the response closed by its end-of-turn token) and cut to `seq_len` from the left
+    (`text.fit_exchange`). `LoadedPM.score_texts` encodes (prompt, response) texts the same way.
 
     Returns:
       ({"input_ids_a", "input_ids_b", "p_a"}, worst cut of the two sides: 0 none, 1 prompt, 2 response).
     """
+    from cai_jax.text import encode_exchange, fit_exchange
+
     ids, cuts = {}, 0
     for side in ("a", "b"):
-        head, tail = _head_tail(tokenizer, row["prompt"], row[f"response_{side}"], rendering)
-        ids[side], cut = _fit(head, tail, seq_len)
+        head, tail = encode_exchange(tokenizer, row["prompt"], row[f"response_{side}"], rendering)
+        ids[side], cut = fit_exchange(head, tail, seq_len)
         cuts = max(cuts, cut)
     return {"input_ids_a": ids["a"], "input_ids_b": ids["b"], "p_a": float(row["p_a"])}, cuts
 

@@ -1,7 +1,7 @@
 """The RL-CAI PPO loop (Bai et al. 2022, sec. 4): rollouts, PM rewards, clipped updates, exact resume.
 
-    state = train_ppo(policy, reference, pm, prompts, ppo_cfg=PPOConfig(), optim_cfg=OptimConfig(lr=1e-6),
-                      ckpt_cfg=None, mesh_cfg=None, num_iterations=100, seed=0, workdir=f"{workdir}/ppo")
+    state = train_ppo(policy, reference, pm, ["How do I ...?", ...], ppo_cfg=cfg.ppo, optim_cfg=optim,
+                      num_iterations=100, seed=0, workdir=f"{workdir}/ppo", rendering="chat")
 
 One iteration: take `rollout_batch_size` prompts from a seeded, resumable stream; sample one
 response each with the KV-cache sampler under the current policy (temperature from the config,
@@ -18,12 +18,13 @@ checkpoint and reproduces the uninterrupted run exactly: every random draw deriv
 and the iteration number (sampler key fold_in(rng, iteration), minibatch order
 default_rng([seed, iteration, epoch])).
 
-PM vocabulary: when the PM's tokenizer has the same vocabulary (token -> id) as the policy's, the
-policy's ids are scored directly. Otherwise, with `pm_retokenize` (default), each prompt and
-response is decoded with the policy's tokenizer (special tokens skipped), the texts concatenated
-and re-encoded with the PM's tokenizer (no specials added; the oldest tokens are dropped if the
-row exceeds the PM's context); with `pm_retokenize=False` a mismatch is a ValueError. A value model
-initialised from the PM reads the policy's token ids, so `value_init="pm"` needs the same vocabulary.
+Prompts are conversations (a string is one user turn) encoded with `text.encode_prompt` in the
+policy's `rendering`, or token-id lists when a `reward_fn` scores the rollouts. The PM reward is
+`pm_reward.PMReward`: every rollout gets exactly `pm.score_texts([prompt], [response])` of its
+decoded response, whatever the PM's vocabulary (see there). A value model
+initialised from the PM (`value_init="pm"`) gets the PM's backbone and its head rescaled to reward
+units, kernel / std and (bias - mean) / std, so V starts at the normalised score the returns are
+built from; it reads the policy's token ids, so it needs the PM's vocabulary.
 
 Single-process only (the sampler runs on the local devices); the train steps are sharded over the
 mesh of `mesh_cfg` like the SFT and PM steps.
@@ -62,13 +63,14 @@ from cai_jax.sharding import (
     shard_params,
     with_rules,
 )
-from cai_jax.text import bucket_length, encode
+from cai_jax.text import bucket_length, encode_prompt
 from cai_jax.train.loop import MetricsLogger, jit_train_step, state_shardings
+from cai_jax.train.pm_reward import PMReward, chunks, same_vocabulary
 from cai_jax.train.ppo_steps import PPOConfig, compute_advantages, ppo_update, rollout_forward
 from cai_jax.train.sft import export_params
 from cai_jax.train.state import OptimConfig, TrainState, make_optimizer
 
-__all__ = ["PPOConfig", "PromptStream", "PMReward", "same_vocabulary", "train_ppo", "METRIC_NAMES"]
+__all__ = ["PPOConfig", "PromptStream", "PMReward", "same_vocabulary", "train_ppo", "value_head_params", "METRIC_NAMES"]
 
 log = logging.getLogger(__name__)
 
@@ -116,24 +118,15 @@ class PromptStream:
             raise ValueError(f"checkpoint prompt seed {data_state['seed']} differs from this run's seed {self.seed}")
         self.epoch, self.index = int(data_state["epoch"]), int(data_state["index"])
 
-    def next(self) -> tuple[list[list[int]], str]:
-        """The next batch of prompts and its id "epoch E index I"; advances the position."""
+    def next(self) -> tuple[list[int], str]:
+        """The prompt indices of the next batch and its id "epoch E index I"; advances the position."""
         if self.index + self.batch_size > len(self.prompts):
             self.epoch, self.index = self.epoch + 1, 0
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.prompts))
         rows = order[self.index : self.index + self.batch_size]
         batch_id = f"epoch {self.epoch} index {self.index}"
         self.index += self.batch_size
-        return [self.prompts[i] for i in rows], batch_id
-
-
-def same_vocabulary(tok_a: Any, cfg_a: Any, tok_b: Any, cfg_b: Any) -> bool:
-    """Whether token ids mean the same tokens: equal token -> id maps (or, with no tokenizers, sizes)."""
-    if tok_a is None and tok_b is None:
-        return cfg_a.vocab_size == cfg_b.vocab_size
-    if tok_a is None or tok_b is None:
-        return False
-    return tok_a is tok_b or tok_a.get_vocab() == tok_b.get_vocab()
+        return [int(i) for i in rows], batch_id
 
 
 def layout(prompts, responses_BN, lengths_B, prompt_len: int, pad: int):
@@ -150,90 +143,30 @@ def layout(prompts, responses_BN, lengths_B, prompt_len: int, pad: int):
     return tokens, mask, resp_mask
 
 
-def _chunks(arrays: dict, size: int):
-    """Splits [B, ...] host arrays into row chunks of `size`, the last padded by repeating row 0."""
-    b = len(next(iter(arrays.values())))
-    for start in range(0, b, size):
-        chunk = {k: v[start : start + size] for k, v in arrays.items()}
-        short = size - len(next(iter(chunk.values())))
-        if short:
-            chunk = {k: np.concatenate([v, np.repeat(v[:1], short, 0)]) for k, v in chunk.items()}
-        yield chunk, size - short
-
-
-class PMReward:
-    """`reward_fn` from a loaded preference model: the PM score at the last response token [B].
-
-    See the module docstring for the vocabulary rules. Rows are scored `batch_size` at a time
-    (padded to bucketed lengths, so few shapes compile).
-    """
-
-    def __init__(self, pm: Any, policy: Any, *, retokenize: bool = True, batch_size: int = 8, mesh=None, rules=None):
-        self.pm, self.batch_size = pm, int(batch_size)
-        self.policy_tokenizer = getattr(policy, "tokenizer", None)
-        self.same = same_vocabulary(self.policy_tokenizer, policy.config, getattr(pm, "tokenizer", None), pm.config)
-        if not self.same:
-            if not retokenize:
-                raise ValueError(
-                    "the PM's tokenizer has a different vocabulary from the policy's; set "
-                    "ppo.pm_retokenize=True to re-encode responses as text for the PM, or use a PM trained on the "
-                    "policy's tokenizer"
-                )
-            if self.policy_tokenizer is None or getattr(pm, "tokenizer", None) is None:
-                raise ValueError("re-tokenising for the PM needs both the policy's and the PM's tokenizers")
-        self.pad = int(pm.config.pad_token_id or 0)
-        self._mesh, self._rules = mesh or make_mesh(MeshConfig()), rules or DEFAULT_RULES
-        sample = jax.ShapeDtypeStruct((self.batch_size, 16), jnp.int32)
-        self.params = shard_params(pm.params, param_shardings(ScalarModel(pm.config), sample, self._mesh, self._rules))
-        self._fn = _pm_scores(pm.config)
-
-    def rows(self, prompt_ids, response_ids, lengths) -> tuple[np.ndarray, np.ndarray]:
-        """The PM's input rows (tokens, mask) [B, L] for the given prompts and responses."""
-        response_ids, lengths = np.asarray(response_ids), np.asarray(lengths)
-        if self.same:
-            width = bucket_length(max(map(len, prompt_ids)), 16)
-            return layout(prompt_ids, response_ids, lengths, width, self.pad)[:2]
-        decode = functools.partial(self.policy_tokenizer.decode, skip_special_tokens=True)
-        seqs = []
-        limit = self.pm.config.max_position_embeddings
-        for ids, resp, n in zip(prompt_ids, response_ids, lengths):
-            text = decode(list(ids)) + decode(resp[:n].tolist())
-            seqs.append(encode(self.pm.tokenizer, text)[-limit:] or [self.pad])
-        width = min(bucket_length(max(map(len, seqs)), 16), limit)
-        tokens = np.full((len(seqs), width), self.pad, np.int32)
-        mask = np.zeros((len(seqs), width), bool)
-        for r, s in enumerate(seqs):
-            tokens[r, : len(s)], mask[r, : len(s)] = s, True
-        return tokens, mask
-
-    def __call__(self, prompt_ids, response_ids, lengths) -> np.ndarray:
-        tokens, mask = self.rows(prompt_ids, response_ids, lengths)
-        out = []
-        with with_rules(self._mesh, self._rules):
-            for chunk, n in _chunks({"t": tokens, "m": mask}, self.batch_size):
-                out.append(np.asarray(self._fn(self.params, chunk["t"], chunk["m"]))[:n])
-        return np.concatenate(out).astype(np.float32)
-
-
-@functools.lru_cache(maxsize=4)
-def _pm_scores(pm_cfg) -> Callable:
-    """Jitted PM scores [B] at the last real token, one per PM config (compiled once per process)."""
-    model = ScalarModel(pm_cfg)
-    return jax.jit(lambda params, tokens, mask: model.apply({"params": params}, tokens, mask))
-
-
-def _encode_prompts(prompts, tokenizer) -> list[list[int]]:
-    out = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, str):
-            if tokenizer is None:
-                raise ValueError("text prompts need the policy's tokenizer (policy.tokenizer is None)")
-            p = encode(tokenizer, p)
-        ids = [int(t) for t in (p.tolist() if hasattr(p, "tolist") else p)]
-        if not ids:
+def _encode_prompts(prompts, tokenizer, rendering: str | None) -> tuple[list[list[int]], list | None]:
+    """(token ids, conversations or None) of the prompts: conversations are encoded with `encode_prompt`."""
+    texts = [
+        p for p in prompts if isinstance(p, (str, list)) and (isinstance(p, str) or (p and isinstance(p[0], dict)))
+    ]
+    if texts and len(texts) != len(prompts):
+        raise ValueError("prompts must be all conversations or all token-id lists")
+    if texts:
+        if tokenizer is None or rendering is None:
+            raise ValueError("text prompts need the policy's tokenizer and a rendering (chat | transcript)")
+        ids = [encode_prompt(tokenizer, p, rendering) for p in prompts]
+        return ids, list(prompts)
+    ids = [[int(t) for t in (p.tolist() if hasattr(p, "tolist") else p)] for p in prompts]
+    for i, p in enumerate(ids):
+        if not p:
             raise ValueError(f"prompt {i} is empty")
-        out.append(ids)
-    return out
+    return ids, None
+
+
+def value_head_params(head: dict, reward_mean: float, reward_std: float) -> dict:
+    """A PM's score head in reward units: kernel / std, (bias - mean) / std (V = normalised score)."""
+    kernel, bias = jnp.asarray(head["kernel"]), jnp.asarray(head["bias"])
+    std = jnp.asarray(reward_std, kernel.dtype)
+    return {"kernel": kernel / std, "bias": (bias - jnp.asarray(reward_mean, bias.dtype)) / std}
 
 
 def _fresh_head(cfg, key) -> dict:
@@ -323,6 +256,7 @@ def train_ppo(
     workdir: str | os.PathLike,
     export_dir: str | os.PathLike | None = None,
     reward_fn: RewardFn | None = None,
+    rendering: str | None = None,
     rules: Rules = DEFAULT_RULES,
 ) -> TrainState:
     """Trains `policy` with PPO against `pm` (or `reward_fn`) for `num_iterations` iterations in total.
@@ -331,9 +265,10 @@ def train_ppo(
       policy: LoadedModel-like (.model, .params, .tokenizer, .config): the SL-CAI model to train.
       reference: LoadedModel-like, frozen (usually the same SL-CAI model).
       pm: LoadedPM-like (.model, .params {"backbone", "head"}, .tokenizer, .config, .reward_mean,
-        .reward_std), or None when `reward_fn` is given.
-      prompts: token-id lists, or texts encoded with the policy's tokenizer as they are (render
-        conversations first, e.g. with `cai_jax.text.render`).
+        .reward_std, .rendering, .seq_len), or None when `reward_fn` is given.
+      prompts: conversations (a string: one user turn; or a message list ending with a user
+        turn), encoded with `text.encode_prompt(policy.tokenizer, prompt, rendering)`; or token-id
+        lists (with `reward_fn`, or a PM that reads the policy's ids as they are).
       ppo_cfg: `PPOConfig` or its config dict.
       optim_cfg: `OptimConfig` or its config dict (one optimizer for policy + value; a step is one
         minibatch update; `grad_accum_steps` must be 1: accumulation is `ppo_cfg.micro_batch_size`).
@@ -346,6 +281,7 @@ def train_ppo(
       export_dir: if given, the final policy is written there as an HF-format folder.
       reward_fn: `reward_fn(prompt_ids, response_ids [B, N], lengths [B]) -> [B]` raw rewards,
         used instead of a PM (normalised with mean 0 / std 1).
+      rendering: how text prompts are rendered for the policy ("chat" | "transcript").
       rules: logical-axis rules.
 
     Returns:
@@ -368,22 +304,29 @@ def train_ppo(
     tokenizer = getattr(policy, "tokenizer", None)
     if cfg.value_init == "pm" and not same_vocabulary(tokenizer, policy.config, pm.tokenizer, pm.config):
         raise ValueError("value_init='pm' needs a PM with the policy's vocabulary (it reads the policy's token ids)")
+    if pm is not None and (pm.reward_mean is None or not pm.reward_std):
+        raise ValueError(
+            f"the PM has no reward statistics (reward_mean={pm.reward_mean}, reward_std={pm.reward_std}); PPO's "
+            "rewards are normalised PM scores: export the PM with them (train_pm computes them)"
+        )
     workdir = os.fspath(workdir)
     if ckpt_cfg is None:
         ckpt_cfg = CheckpointConfig(os.path.join(workdir, "checkpoints"), save_every_steps=max(num_iterations, 1))
-    prompt_ids = _encode_prompts(prompts, tokenizer)
+    prompt_ids, conversations = _encode_prompts(prompts, tokenizer, rendering)
     n, micro = cfg.max_new_tokens, cfg.micro_batch_size
     width = bucket_length(max(map(len, prompt_ids)), 16)
     context = min(policy.config.max_position_embeddings, reference.config.max_position_embeddings)
     if width + n > context:
         raise ValueError(f"prompts padded to {width} tokens + max_new_tokens={n} exceed the context of {context}")
     stream = PromptStream(prompt_ids, batch_size=cfg.rollout_batch_size, seed=seed)
-    pad = int(policy.config.pad_token_id or 0)
 
     mesh = make_mesh(MeshConfig() if mesh_cfg is None else mesh_cfg)
     rules = tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in rules)
     if pm is not None:  # checks the vocabularies before anything compiles
-        reward_fn = PMReward(pm, policy, retokenize=cfg.pm_retokenize, batch_size=micro, mesh=mesh, rules=rules)
+        reward_fn = PMReward(
+            pm, policy, rendering=rendering, retokenize=cfg.pm_retokenize, batch_size=micro, mesh=mesh,
+            rules=rules,
+        )  # fmt: skip
         score_norm = (np.float32(pm.reward_mean), np.float32(pm.reward_std))
     else:
         score_norm = (np.float32(0.0), np.float32(1.0))
@@ -391,7 +334,10 @@ def train_ppo(
     steps = _build(policy.config, reference.config, value_cfg, cfg, ocfg, mesh, rules, width)
     head = _fresh_head(value_cfg, jax.random.fold_in(jax.random.key(seed), 1))
     if cfg.value_init == "pm":
-        value_params = pm.params
+        value_params = {
+            "backbone": pm.params["backbone"],
+            "head": value_head_params(pm.params["head"], pm.reward_mean, pm.reward_std),
+        }
     else:
         value_params = {"head": head} if cfg.shared_backbone else {"backbone": policy.params, "head": head}
     params = shard_params(_copy({"policy": policy.params, "value": value_params}), steps.shardings.params)
@@ -399,6 +345,7 @@ def train_ppo(
     state = steps.create(params, jax.random.key(seed))
     del params
     shardings = steps.shardings
+    run = _Run(steps, ref_params, reward_fn, score_norm, cfg, width, int(policy.config.pad_token_id or 0), seed, policy)
 
     ckpt = _NoCheckpoints() if ckpt_cfg is False else Checkpointer(ckpt_cfg)
     logger = MetricsLogger(os.path.join(workdir, "metrics.jsonl"), check=False)
@@ -412,10 +359,9 @@ def train_ppo(
             log.info("PPO: resumed from iteration %d (%s)", ckpt.latest_step(), data_state)
         start = ckpt.latest_step() or 0
         for it in range(start, int(num_iterations)):
-            prompts_b, batch_id = stream.next()
-            state, row, samples = _iteration(
-                it, state, prompts_b, ref_params, reward_fn, steps, score_norm, beta, cfg, width, pad, seed, policy, ckpt
-            )  # fmt: skip
+            rows, batch_id = stream.next()
+            convs_b = None if conversations is None else [conversations[i] for i in rows]
+            state, row, samples = _iteration(run, it, state, [prompt_ids[i] for i in rows], convs_b, beta, ckpt)
             row["objective/kl_coef"] = beta
             if cfg.adaptive_kl:
                 kl = row["objective/kl"]
@@ -423,7 +369,7 @@ def train_ppo(
             logger.push(it + 1, row, {"iteration": it + 1, "batch_id": batch_id})
             logger.flush()
             if cfg.sample_every and (it == 0 or (it + 1) % cfg.sample_every == 0):
-                _dump_samples(os.path.join(workdir, "samples.jsonl"), it + 1, samples, tokenizer)
+                _dump_samples(os.path.join(workdir, "samples.jsonl"), it + 1, samples)
             data_state = {**stream.state(), "kl_coef": beta, "iteration": it + 1}
             ckpt.save(it + 1, state, data_state, force=it + 1 == num_iterations)
         ckpt.wait()
@@ -435,8 +381,23 @@ def train_ppo(
     return state
 
 
-def _iteration(it, state, prompts_b, ref_params, reward_fn, steps, score_norm, beta, cfg, width, pad, seed, policy, ckpt):  # fmt: skip
+class _Run(NamedTuple):
+    """What every iteration of one `train_ppo` call shares."""
+
+    steps: _Steps
+    ref_params: Any
+    reward_fn: Any  # PMReward or a user reward_fn
+    score_norm: tuple  # (mean, std) of the raw scores
+    cfg: PPOConfig
+    width: int  # prompt columns P
+    pad: int
+    seed: int
+    policy: Any
+
+
+def _iteration(run: _Run, it, state, prompts_b, convs_b, beta, ckpt):
     """One PPO iteration; returns (state, metrics row, sample rows). Raises on non-finite values."""
+    steps, cfg, policy = run.steps, run.cfg, run.policy
     t0 = time.perf_counter()
     out = generate(
         policy,
@@ -452,8 +413,12 @@ def _iteration(it, state, prompts_b, ref_params, reward_fn, steps, score_norm, b
     sampler_logp, ended = np.asarray(out.logprobs), out.stop_reason == STOP_EOS
     t1 = time.perf_counter()
 
-    tokens, mask, resp_mask = layout(prompts_b, responses, lengths, width, pad)
-    scores = np.asarray(reward_fn(prompts_b, responses, lengths), np.float32).reshape(-1)
+    tokens, mask, resp_mask = layout(prompts_b, responses, lengths, run.width, run.pad)
+    if isinstance(run.reward_fn, PMReward):
+        scores = run.reward_fn(convs_b, prompts_b, responses, lengths, ended)
+    else:
+        scores = run.reward_fn(prompts_b, responses, lengths)
+    scores = np.asarray(scores, np.float32).reshape(-1)
     if scores.shape != (len(prompts_b),) or not np.all(np.isfinite(scores)):
         ckpt.wait()
         raise FloatingPointError(
@@ -461,13 +426,13 @@ def _iteration(it, state, prompts_b, ref_params, reward_fn, steps, score_norm, b
             f"Last good checkpoint: {_last(ckpt)}"
         )
     fwd = []
-    for chunk, _ in _chunks({"t": tokens, "m": mask, "r": resp_mask}, cfg.micro_batch_size):  # never padded
-        fwd.append(jax.device_get(steps.forward(state.params, ref_params, chunk["t"], chunk["m"], chunk["r"])))
+    for chunk, _ in chunks({"t": tokens, "m": mask, "r": resp_mask}, cfg.micro_batch_size):  # never padded
+        fwd.append(jax.device_get(steps.forward(state.params, run.ref_params, chunk["t"], chunk["m"], chunk["r"])))
     cat = {k: np.concatenate([f[k] for f in fwd]) for k in ("logp", "ref_logp", "values")}
     entropy = sum(float(f["entropy_sum"]) for f in fwd) / max(sum(float(f["tokens"]) for f in fwd), 1.0)
     adv = jax.device_get(
         steps.advantages(
-            scores, cat["logp"], cat["ref_logp"], cat["values"], resp_mask, ended, np.float32(beta), *score_norm
+            scores, cat["logp"], cat["ref_logp"], cat["values"], resp_mask, ended, np.float32(beta), *run.score_norm
         )
     )
     t2 = time.perf_counter()
@@ -484,7 +449,7 @@ def _iteration(it, state, prompts_b, ref_params, reward_fn, steps, score_norm, b
     b, k = cfg.rollout_batch_size, cfg.minibatch_size // cfg.micro_batch_size
     updates = []
     for epoch in range(cfg.ppo_epochs):
-        order = np.random.default_rng([seed, it, epoch]).permutation(b)
+        order = np.random.default_rng([run.seed, it, epoch]).permutation(b)
         for start in range(0, b, cfg.minibatch_size):
             idx = order[start : start + cfg.minibatch_size]
             mb = {name: v[idx].reshape(k, cfg.micro_batch_size, *v.shape[1:]) for name, v in batch.items()}
@@ -512,10 +477,19 @@ def _iteration(it, state, prompts_b, ref_params, reward_fn, steps, score_norm, b
         "time/scoring": t2 - t1,
         "time/train": t3 - t2,
     })  # fmt: skip
-    samples = [
-        {"prompt": p, "response": responses[i, : lengths[i]].tolist(), "score": float(scores[i])}
-        for i, p in enumerate(prompts_b[: cfg.num_samples_logged])
-    ]
+    tok = getattr(policy, "tokenizer", None)
+    samples = []
+    for i in range(min(cfg.num_samples_logged, len(prompts_b))):
+        response = responses[i, : lengths[i]].tolist()
+        prompt = prompts_b[i] if convs_b is None else convs_b[i]
+        samples.append({
+            "prompt": tok.decode(prompt) if tok is not None and convs_b is None else prompt,
+            "response": tok.decode(response, skip_special_tokens=True) if tok is not None else response,
+            "score": float(scores[i]),
+            "kl": float(adv["kl_sum"][i]),
+            "ended": bool(ended[i]),
+            "length": int(lengths[i]),
+        })  # fmt: skip
     return state, row, samples
 
 
@@ -541,11 +515,9 @@ def _last(ckpt: Checkpointer) -> str:
     return f"iteration {last} in {ckpt.directory}" if last is not None else f"none yet in {ckpt.directory}"
 
 
-def _dump_samples(path: str, iteration: int, samples: list[dict], tokenizer: Any) -> None:
+def _dump_samples(path: str, iteration: int, samples: list[dict]) -> None:
     if jax.process_index() != 0:
         return
     with open(path, "a") as f:
         for s in samples:
-            if tokenizer is not None:
-                s = {**s, "prompt": tokenizer.decode(s["prompt"]), "response": tokenizer.decode(s["response"])}
-            f.write(json.dumps({"iteration": iteration, **s}) + "\n")
+            f.write(json.dumps({"iteration": iteration, **s}, ensure_ascii=False) + "\n")

@@ -45,36 +45,36 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 class PPOConfig:
     """PPO hyper-parameters (a config's `ppo` sub-dict, converted by `from_config`).
 
-    As with `OptimConfig`, the defaults are for building one in Python; `from_config` requires
-    every field, since a config file is where a run's defaults live. Frozen and hashable: it is a
-    static argument of the jitted steps.
+    No defaults here: a run's defaults live in the config file (`configs/base.py`, section
+    `ppo`), and `from_config` requires every field. Frozen and hashable: it is a static argument
+    of the jitted steps.
     """
 
-    rollout_batch_size: int = 16  # prompts (= episodes, one response each) sampled per PPO iteration
-    minibatch_size: int = 8  # episodes per optimizer update; divides rollout_batch_size
-    micro_batch_size: int = 8  # rows per forward/backward pass (gradients accumulated up to minibatch_size)
-    ppo_epochs: int = 4  # passes over each rollout batch, reshuffled each time
-    max_new_tokens: int = 64  # N: response length cap, tokens
-    temperature: float = 1.0  # sampling temperature (> 0); the trained policy is softmax(logits / temperature)
-    generation_batch_size: int = 0  # rows per sampler call (0: the whole rollout batch at once)
-    gamma: float = 1.0  # GAE discount per token
-    lam: float = 0.95  # GAE lambda
-    clip_ratio: float = 0.2  # PPO epsilon: probability ratios are clipped to [1 - eps, 1 + eps]
-    clip_value: float = 0.2  # largest move of a value from its rollout value before clipping, reward units
-    vf_coef: float = 0.1  # weight of the value loss in the total loss
-    ent_coef: float = 0.0  # weight of the entropy bonus (nats/token) subtracted from the loss; 0 disables
-    kl_coef: float = 0.05  # beta: initial KL penalty coefficient, reward units per nat
-    kl_estimator: str = "k1"  # per-token KL estimator in the reward: "k1" (log-ratio), "k3" (or "k2")
-    adaptive_kl: bool = False  # adapt beta towards kl_target (Ziegler et al. 2019, sec. 2.2)
-    kl_target: float = 6.0  # adaptive controller's target, nats per response (sum over its tokens)
-    kl_horizon: int = 10000  # adaptive controller's horizon, episodes
-    missing_eos_penalty: float = 0.0  # subtracted from the normalised score of responses without EOS; 0 disables
-    whiten_advantages: bool = True  # whiten advantages over each rollout batch's response tokens
-    value_init: str = "pm"  # value model starts from the "pm" (backbone + head) or the "policy" (fresh head)
-    shared_backbone: bool = False  # value head on the policy's backbone (value_init must be "policy")
-    pm_retokenize: bool = True  # PM vocabulary differs from the policy's: re-encode the text (False: raise)
-    sample_every: int = 10  # iterations between sample dumps to <workdir>/samples.jsonl; 0 disables
-    num_samples_logged: int = 4  # (prompt, response, score) rows per dump
+    rollout_batch_size: int  # prompts (= episodes, one response each) sampled per PPO iteration
+    minibatch_size: int  # episodes per optimizer update; divides rollout_batch_size
+    micro_batch_size: int  # rows per forward/backward pass (gradients accumulated up to minibatch_size)
+    ppo_epochs: int  # passes over each rollout batch, reshuffled each time
+    max_new_tokens: int  # N: response length cap, tokens
+    temperature: float  # sampling temperature (> 0); the trained policy is softmax(logits / temperature)
+    generation_batch_size: int  # rows per sampler call (0: the whole rollout batch at once)
+    gamma: float  # GAE discount per token
+    lam: float  # GAE lambda
+    clip_ratio: float  # PPO epsilon: probability ratios are clipped to [1 - eps, 1 + eps]
+    clip_value: float  # largest move of a value from its rollout value before clipping, reward units
+    vf_coef: float  # weight of the value loss in the total loss
+    ent_coef: float  # weight of the entropy bonus (nats/token) subtracted from the loss; 0 disables
+    kl_coef: float  # beta: initial KL penalty coefficient, reward units per nat
+    kl_estimator: str  # per-token KL estimator in the reward: "k1" (log-ratio), "k3" (or "k2")
+    adaptive_kl: bool  # adapt beta towards kl_target (Ziegler et al. 2019, sec. 2.2)
+    kl_target: float  # adaptive controller's target, nats per response (sum over its tokens)
+    kl_horizon: int  # adaptive controller's horizon, episodes
+    missing_eos_penalty: float  # subtracted from the normalised score of responses without EOS; 0 disables
+    whiten_advantages: bool  # whiten advantages over each rollout batch's response tokens
+    value_init: str  # value model starts from the "pm" (backbone + head) or the "policy" (fresh head)
+    shared_backbone: bool  # value head on the policy's backbone (value_init must be "policy")
+    pm_retokenize: bool  # PM vocabulary differs from the policy's: re-encode the text (False: raise)
+    sample_every: int  # iterations between sample dumps to <workdir>/samples.jsonl; 0 disables
+    num_samples_logged: int  # (prompt, response, score) rows per dump
 
     def __post_init__(self):
         positive = ("rollout_batch_size", "minibatch_size", "micro_batch_size", "ppo_epochs", "max_new_tokens")
@@ -110,6 +110,11 @@ class PPOConfig:
                 "PPOConfig.shared_backbone=True puts a fresh value head on the policy's backbone; set "
                 "value_init='policy' (a PM head read on another backbone's features would be meaningless)"
             )
+
+    @property
+    def updates_per_iteration(self) -> int:
+        """Optimizer updates of one iteration: ppo_epochs passes of rollout_batch / minibatch updates."""
+        return self.ppo_epochs * (self.rollout_batch_size // self.minibatch_size)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | Any) -> PPOConfig:

@@ -79,7 +79,7 @@ class OptimConfig:
     lr: float = 1e-4  # peak learning rate, per optimizer update
     warmup_steps: int = 0  # optimizer updates of linear warmup from 0 to `lr`
     schedule: str = "constant"  # "constant" | "cosine" (after warmup)
-    total_steps: int = 1000  # optimizer updates; cosine reaches lr * min_lr_ratio here and stays
+    total_steps: int = 1000  # optimizer updates; cosine reaches lr * min_lr_ratio here (0 in a config: derived)
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of `lr`
     weight_decay: float = 0.0  # decoupled AdamW decay (multiplied by the current lr); matrices only
     b1: float = 0.9  # Adam first-moment decay
@@ -117,13 +117,24 @@ class OptimConfig:
                 raise ValueError(f"OptimConfig.frozen: bad regex {pattern!r} ({e})") from None
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | Any) -> OptimConfig:
+    def from_config(cls, cfg: Mapping[str, Any] | Any, *, updates: int | None = None) -> OptimConfig:
         """Builds the config from an `ml_collections.ConfigDict` or a plain dict.
 
+        A config's `total_steps = 0` means "the schedule ends where the stage's updates end": pass
+        the stage's number of optimizer updates as `updates` (derived from the quantities it
+        follows, never typed beside them). A positive `total_steps` is an explicit override and
+        stays as it is.
+
         Raises:
-          ValueError: naming every unknown field (a typo) and every missing one.
+          ValueError: naming every unknown field (a typo) and every missing one, or a derived
+            schedule without `updates`.
         """
-        return cls(**strict_fields(cls, cfg, "optim"))
+        fields = strict_fields(cls, cfg, "optim")
+        if int(fields["total_steps"]) == 0:
+            if updates is None or updates < 1:
+                raise ValueError(f"optim.total_steps=0 derives the schedule from the stage's updates; got {updates!r}")
+            fields["total_steps"] = max(int(updates), int(fields["warmup_steps"]) + 1)
+        return cls(**fields)
 
 
 def make_schedule(ocfg: OptimConfig) -> Callable[[jax.Array], jax.Array]:
