@@ -31,7 +31,7 @@ import fnmatch
 import json
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import jinja2
@@ -72,6 +72,7 @@ ARTIFACTS = (
     ("eval/parts/responses-*.json", "each model's responses to the held-out prompts"),
     ("eval/parts/*.json", "one finished part of the eval (resume unit)"),
     ("figures/*.png", "the paper's figure analogues"),
+    ("figures/captions.json", "each figure's caption"),
     ("tensorboard/", "TensorBoard event files"),
     ("wandb/", "Weights & Biases run files (offline: `wandb sync` uploads them)"),
 )
@@ -213,12 +214,12 @@ def _artifacts(run: RunData) -> list[dict]:
     return rows
 
 
-def _figures(run: RunData, captions: Mapping[str, str]) -> list[dict]:
+def _figures(run: RunData) -> list[dict]:
     out = []
     for png in run.figures:
         data = base64.b64encode(png.read_bytes()).decode("ascii")
         out.append(
-            {"name": png.name, "caption": captions.get(png.name, png.stem), "uri": f"data:image/png;base64,{data}"}
+            {"name": png.name, "caption": run.captions.get(png.name, png.stem), "uri": f"data:image/png;base64,{data}"}
         )
     return out
 
@@ -238,7 +239,7 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def render_explorer(run: RunData, *, captions: Mapping[str, str] | None = None) -> str:
+def render_explorer(run: RunData) -> str:
     """The page's HTML for a loaded run (see `write_explorer`)."""
     principles = sorted({r["principle_id"] for rows in run.revisions.values() for row in rows for r in row["rounds"]})
     comparisons = _comparisons(run)
@@ -257,7 +258,7 @@ def render_explorer(run: RunData, *, captions: Mapping[str, str] | None = None) 
             rl=_samples(run),
             curves=_curves(run),
             tables=T.run_tables(run),
-            figures=_figures(run, captions or {}),
+            figures=_figures(run),
             eval_kinds=sorted({k for r in run.eval_responses.values() for k in r}),
             timings=[(n, t, r, 100 * t / seconds if seconds else 0.0) for n, t, r in run.timings],
             total_seconds=seconds,
@@ -271,17 +272,16 @@ def render_explorer(run: RunData, *, captions: Mapping[str, str] | None = None) 
     )
 
 
-def write_explorer(workdir, *, captions: Mapping[str, str] | None = None, max_rows: int = MAX_ROWS) -> Path:
+def write_explorer(workdir, *, max_rows: int = MAX_ROWS) -> Path:
     """Writes `<workdir>/report.html` from the run folder's files alone and returns its path.
 
     Args:
       workdir: the run folder (any subset of stages may have run).
-      captions: optional {figure file name: caption} (default: the file names).
       max_rows: rows kept per section; the page says how many more the files hold.
     """
     workdir = Path(workdir)
     run = load_run(workdir, limit=max_rows)
-    html = render_explorer(run, captions=captions)
+    html = render_explorer(run)
     out = workdir / "report.html"
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(html, encoding="utf-8")

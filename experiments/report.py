@@ -122,6 +122,9 @@ def stage_report(ctx: StageContext) -> dict:
         notes=notes,
         findings=F.findings(run),
     )
+    # The captions travel with the figures, so report.html (rewritten from the folder alone) has them.
+    if made:
+        (workdir / "figures" / "captions.json").write_text(json.dumps({p.name: c for c, p in made.items()}, indent=1))
     html = write_explorer(workdir)
     return {"figures": sorted(p.name for p in made.values()), "tables": sorted(tables), "html": html.name}
 

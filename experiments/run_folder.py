@@ -19,7 +19,7 @@ Artifacts read (paths relative to the workdir):
                                          other fields, e.g. a per-sample kl, shown when present)
   pm/eval.json, eval/summary.json        (schemas: cai_jax/eval/pm.py, experiments/eval_stage.py)
   eval/parts/responses-<model>.json      {kind: [response per held-out prompt]}
-  figures/*.png
+  figures/*.png, figures/captions.json  {png name: caption}
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ class RunData:
     pm_eval: dict
     judge_report: dict | None
     figures: list[Path]
+    captions: dict[str, str]  # figures/captions.json (written by the report stage): png name -> caption
     files: list[tuple[str, int, int]]  # (path relative to the workdir, bytes, files in it)
     totals: dict[str, int]  # section -> rows on disk, where the loader kept only the first `limit`
 
@@ -190,6 +191,7 @@ def load_run(workdir: str | os.PathLike, *, limit: int | None = None) -> RunData
         pm_eval=_json(workdir / "pm" / "eval.json") or {},
         judge_report=_json(workdir / "feedback" / "judge_report.json"),
         figures=sorted((workdir / "figures").glob("*.png")),
+        captions=_json(workdir / "figures" / "captions.json") or {},
         files=_files(workdir) if workdir.is_dir() else [],
         totals=totals,
     )

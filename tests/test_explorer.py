@@ -185,6 +185,9 @@ def test_report_md(run_dir):
     cfg = ml_collections.ConfigDict(wrote["config"])
     out = stage_report(StageContext(cfg, workdir, "report", {}, {}))
     assert out["html"] == "report.html" and (workdir / "report.html").is_file()
+    captions = json.loads((workdir / "figures" / "captions.json").read_text())
+    assert captions["fig5_revisions.png"].startswith("Fig. 5 analogue")
+    assert f"<figcaption>{captions['fig5_revisions.png']} (" in (workdir / "report.html").read_text()
     md = (workdir / "report.md").read_text()
     assert md.index("## What this run shows") < md.index("## Stage timings (pipeline order)")
     timings = md.split("## Stage timings")[1].split("## Figures")[0]
