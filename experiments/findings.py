@@ -262,7 +262,7 @@ def _ppo_lines(run: RunData) -> list[str]:
         if not rows:
             continue
         first, last = rows[0], rows[-1]
-        batch = run.rollout_batch_size(stage)
+        batch = run.rollout_batch_size(stage) or "the"
         line = (
             f"{stage}: mean raw PM score of the rollouts {_num(first['score'])} at iteration {first['iteration']} -> "
             f"{_num(last['score'])} at iteration {last['iteration']} (batch means of {batch} rollouts; their spread "

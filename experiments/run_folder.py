@@ -47,12 +47,13 @@ def _json(path: Path) -> Any:
 
 def read_jsonl_capped(paths: list[Path], limit: int | None, keep=None) -> tuple[list[dict], int, list]:
     """(the first `limit` rows of the JSONL files in order, the total number of rows, [keep(row)
-    for every row]) (`keep` None: an empty list)."""
+    for every row]) (`keep` None: an empty list). A last line without its newline is a row still
+    being written (a run in progress) and is left out."""
     rows, total, kept = [], 0, []
     for path in paths:
         with open(path, encoding="utf-8") as f:
             for line in f:
-                if not line.strip():
+                if not line.strip() or not line.endswith("\n"):
                     continue
                 total += 1
                 if keep is not None or limit is None or len(rows) < limit:

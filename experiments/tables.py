@@ -90,7 +90,7 @@ def run_tables(run: RunData) -> dict[str, Table]:
                 r["kl"], r["length"], f"{_est_cell(r['no_eos'])} (n = {r['no_eos'].n})" if r["no_eos"] else "-",
             ])  # fmt: skip
         if rows:
-            tables[f"{stage} by iteration (batch means of {run.rollout_batch_size(stage)} rollouts; intervals from the logged samples)"] = (
+            tables[f"{stage} by iteration (batch means of {run.rollout_batch_size(stage) or 'the'} rollouts; intervals from the logged samples)"] = (
                 ["iteration", "PM score (batch mean)", "PM score of logged samples [95% t]", "KL (nats/seq)",
                  "mean length (tokens)", "no-EOS fraction [95% Wilson]"], rows,
             )  # fmt: skip

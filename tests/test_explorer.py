@@ -128,6 +128,15 @@ def test_partial_and_empty_runs(tmp_path):
     assert len(page.of("revision")) == len(wrote["revisions"]) and not page.of("comparison")
 
 
+def test_run_in_progress(run_dir):
+    """A metrics row still being written (no newline yet) is left out, not an error."""
+    workdir, _ = run_dir
+    with open(workdir / "ppo" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "objective/sco')
+    assert [r["step"] for r in load_run(workdir).metrics["ppo"]] == [1, 2, 3]
+    write_explorer(workdir)
+
+
 def test_row_cap(run_dir):
     workdir, wrote = run_dir
     page = Page(write_explorer(workdir, max_rows=2).read_text())
