@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 __all__ = ["Browser", "find_chromium"]
@@ -132,11 +133,10 @@ class Browser:
         """Loads a local file and waits for its load event."""
         seen = len(self.events)
         self.call("Page.navigate", {"url": Path(path).resolve().as_uri()})
-        deadline = threading.Event()
         for _ in range(int(self.timeout * 20)):
             if any(e.get("method") == "Page.loadEventFired" for e in self.events[seen:]):
                 return
-            deadline.wait(0.05)
+            time.sleep(0.05)
         raise TimeoutError(f"{path}: no load event within {self.timeout} s")
 
     def eval(self, expression: str):
@@ -178,6 +178,9 @@ class Browser:
             self.proc.kill()
             self.proc.wait()
         os.close(self._to_child)
+        self._reader.join(timeout=5)  # Chromium has exited: its end of the pipe is closed, the read ends
+        if not self._reader.is_alive():
+            os.close(self._from_child)
         shutil.rmtree(self._profile, ignore_errors=True)
 
     def __enter__(self) -> Browser:
