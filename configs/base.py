@@ -206,5 +206,11 @@ def get_config(arg=None):
         mc_max_questions=0,  # 0 = all questions of each file
         calibration_bins=10,  # reliability bins (Fig. 9)
     )
-    c.log = dict(progress=True, tensorboard=True)  # progress bars; TensorBoard event files if installed
+    c.log = dict(
+        progress=True,  # progress bars
+        tensorboard=True,  # TensorBoard event files (<workdir>/tensorboard) if a writer is installed
+        # Weights & Biases, if the wandb package is installed: "offline" (<workdir>/wandb; upload
+        # later with `wandb sync`), "online", or "" (off). experiments/wandb_log.py.
+        wandb="offline",
+    )
     return c

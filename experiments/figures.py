@@ -360,8 +360,10 @@ def write_report(
     tables: Mapping[str, str],
     notes: Sequence[str] = (),
     title: str = "Constitutional AI run report",
+    findings: Sequence[str] = (),
 ):
-    """Writes report.md: the config, stage wall times, figures (by relative path), tables and notes.
+    """Writes report.md: what the run shows, stage wall times, figures (by relative path), tables,
+    notes and the config.
 
     Args:
       path: the .md file to write (parent folders are created).
@@ -372,6 +374,7 @@ def write_report(
         report's folder. A missing file is listed as missing.
       tables: {title: markdown table}.
       notes: free-text lines, written as a list.
+      findings: generated statements ("what this run shows"), written as a list first.
     """
     path = Path(path)
     if path.suffix.lower() != ".md":
@@ -380,10 +383,14 @@ def write_report(
     for name, seconds in _mapping("stage_timings", stage_timings).items():
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float, np.number)):
             raise ValueError(f"stage_timings[{name!r}] must be seconds (a number), got {seconds!r}")
-    if isinstance(notes, (str, bytes)):
-        raise ValueError("notes must be a list of str, not one str")
+    for arg, lines in (("notes", notes), ("findings", findings)):
+        if isinstance(lines, (str, bytes)):
+            raise ValueError(f"{arg} must be a list of str, not one str")
     path.parent.mkdir(parents=True, exist_ok=True)
-    out = [f"# {title}", "", "## Stage timings", ""]
+    out = [f"# {title}", ""]
+    if findings:
+        out += ["## What this run shows", ""] + [f"- {f}" for f in findings] + [""]
+    out += ["## Stage timings (pipeline order)", ""]
     if stage_timings:
         total = float(sum(stage_timings.values()))
         out += ["| stage | wall time (s) | share |", "|---|---:|---:|"]

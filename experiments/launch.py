@@ -15,7 +15,6 @@ Multi-host: set up `jax.distributed` (the usual cluster environment variables, o
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 if __name__ == "__main__":  # before anything heavy is imported: the process may be replaced
@@ -25,6 +24,8 @@ if __name__ == "__main__":  # before anything heavy is imported: the process may
 
 from experiments.config_util import ConfigError, load_config
 from experiments.pipeline import ORDER, StageError, WorkdirError, run_pipeline
+from experiments.quiet import setup_logging
+from experiments.wandb_log import wandb_run
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
@@ -40,7 +41,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--coordinator", default=None, help="jax.distributed coordinator host:port (multi-host)")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="INFO (default) | DEBUG (also third-party messages) | WARNING")
     args, rest = p.parse_known_args(argv)
     overrides = []
     for item in rest:
@@ -52,9 +53,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax._src", "orbax", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(args.log_level)  # before transformers / datasets are imported (experiments/quiet.py)
     from cai_jax.sharding import initialize_distributed
 
     # Explicit flags, else COORDINATOR_ADDRESS/NUM_PROCESSES/PROCESS_ID, else a detected cluster.
@@ -63,9 +62,15 @@ def main(argv=None) -> int:
     )
     try:
         cfg = load_config(args.config, overrides)
-        run_pipeline(
-            cfg, args.workdir, stages=args.stages, overwrite=args.overwrite, fork=args.fork, reuse_from=args.reuse_from
-        )
+        with wandb_run(cfg, args.fork or args.workdir):
+            run_pipeline(
+                cfg,
+                args.workdir,
+                stages=args.stages,
+                overwrite=args.overwrite,
+                fork=args.fork,
+                reuse_from=args.reuse_from,
+            )
     except (ConfigError, StageError, WorkdirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,10 @@
-"""The report stage (figures + report.md of one run) and the cross-run summary of a sweep.
+"""The report stage (figures, report.md and report.html of one run) and the cross-run summary of a sweep.
 
-Reads `eval/summary.json` (written by the eval stage; schema in experiments/eval_stage.py) and the
-DONE records of the other stages; draws the paper's figure analogues with experiments/figures.py.
+Reads the run folder through experiments/run_folder.py (`eval/summary.json`, schema in
+experiments/eval_stage.py, the DONE records and the stages' rows); draws the paper's figure
+analogues with experiments/figures.py; report.md gets every mean and proportion with its n and
+95% interval and the generated "what this run shows" list (experiments/findings.py);
+report.html is the run explorer (experiments/explorer.py).
 """
 
 from __future__ import annotations
@@ -12,7 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from experiments import figures
-from experiments.pipeline import ORDER, StageContext, read_marker
+from experiments import findings as F
+from experiments import tables as T
+from experiments.explorer import write_explorer
+from experiments.pipeline import StageContext, read_marker
+from experiments.run_folder import RunData, load_run
 
 __all__ = ["stage_report", "sweep_report"]
 
@@ -23,7 +30,7 @@ def _load(path: Path) -> Any:
 
 def _fmt(x: Any) -> str:
     if isinstance(x, float):
-        return "NaN" if math.isnan(x) else f"{x:.3f}"
+        return "NaN" if math.isnan(x) else f"{x:.4g}"
     return str(x)
 
 
@@ -68,7 +75,13 @@ def run_figures(summary: dict, out: Path) -> dict[str, Path]:
     if summary.get("pm_calibration"):
         cal["PM vs held-out AI labels"] = summary["pm_calibration"]
     for name, result in (summary.get("mc") or {}).items():
-        cal[f"feedback model on {name}"] = result["bins"]
+        # evaluate_mc's bins hold the confidence of the chosen option and how often it is correct.
+        b = result["bins"]
+        cal[f"feedback model on {name}"] = {
+            "count": b["count"],
+            "mean_pred": b["mean_confidence"],
+            "mean_target": b["accuracy"],
+        }
     if cal:
         made["Fig. 9 analogue: calibration (predicted probability of the preferred answer vs frequency)"] = (
             figures.fig_calibration(cal, out / "fig9_calibration.png", title="Calibration")
@@ -76,66 +89,30 @@ def run_figures(summary: dict, out: Path) -> dict[str, Path]:
     return made
 
 
-def run_tables(summary: dict, records: dict[str, dict]) -> dict[str, str]:
-    tables: dict[str, str] = {}
-    models = [m["name"] for m in summary.get("models", [])]
-    pm = summary.get("pm_scores") or {}
-    if pm:
-        kinds = sorted({k for v in pm.values() for k in v if not k.endswith("_stderr")})
-        rows = [[m] + [pm[m].get(k, float("nan")) for k in kinds] for m in models if m in pm]
-        tables["Mean PM score of each model's responses (held-out prompts)"] = _md_table(["model"] + kinds, rows)
-    for kind, table in (summary.get("elo") or {}).items():
-        rows = [[m, table[m]["elo"], f"[{table[m]['lo']:.0f}, {table[m]['hi']:.0f}]", table[m]["n"]] for m in table]
-        tables[f"{kind.capitalize()} Elo (AI comparisons; 95% bootstrap interval)"] = _md_table(
-            ["model", "Elo", "interval", "comparisons"], rows
-        )
-    gh = summary.get("goodhart") or {}
-    if gh:
-        rows = []
-        for m in models:
-            for kind, g in (gh.get(m) or {}).items():
-                rows.append(
-                    [
-                        m,
-                        kind,
-                        g.get("mean_chars"),
-                        g.get("refusal_rate"),
-                        g.get("boilerplate_rate"),
-                        g.get("evasive_rate"),
-                    ]
-                )
-        tables["Goodhart monitors"] = _md_table(
-            ["model", "prompts", "mean chars", "refusal rate", "boilerplate rate", "evasive rate"], rows
-        )
-    pm_eval = (records.get("pm") or {}).get("summary") or {}
-    if pm_eval.get("eval"):
-        e = pm_eval["eval"]
-        keys = [k for k in ("accuracy", "log_loss", "ece", "n") if k in e]
-        tables["Preference model on held-out AI-labelled comparisons"] = _md_table(keys, [[e[k] for k in keys]])
-    fb = (records.get("feedback") or {}).get("summary") or {}
-    if fb:
-        keys = sorted(k for k, v in fb.items() if isinstance(v, (int, float)))
-        tables["Feedback labels"] = _md_table(keys, [[fb[k] for k in keys]])
-    for name, result in (summary.get("mc") or {}).items():
-        keys = [k for k in ("n", "accuracy", "log_loss", "ece") if k in result]
-        tables[f"Multiple-choice eval: {name}"] = _md_table(keys, [[result[k] for k in keys]])
-    return tables
+def run_tables(run: RunData) -> dict[str, str]:
+    """The report's tables as markdown (built in experiments/tables.py, shared with report.html)."""
+    return {title: _md_table(header, rows) for title, (header, rows) in T.run_tables(run).items()}
+
+
+INTERVAL_NOTE = (
+    "Intervals are 95%: Wilson score intervals for proportions (accuracies, rates), Student t intervals "
+    "(mean +- t_{0.975, n-1} s / sqrt(n)) for means, and the eval stage's bootstrap percentile intervals for Elo "
+    "(experiments/stats.py). Log-loss, Brier score and ECE are shown without intervals (per-pair values are not stored)."
+)
 
 
 def stage_report(ctx: StageContext) -> dict:
     workdir = ctx.workdir
-    summary = _load(workdir / "eval" / "summary.json") or {}
-    records = {name: read_marker(workdir / name, "DONE") for name in ORDER if name != "report"}
-    records = {k: v for k, v in records.items() if v}
-    made = run_figures(summary, workdir / "figures")
-    tables = run_tables(summary, records)
-    timings = _load(workdir / "timings.json") or {}
-    stage_timings = {k: v["seconds"] if isinstance(v, dict) else v for k, v in timings.items() if k != "report"}
-    notes = [f"Stages run: {', '.join(records)} (hashes in each stage's DONE file)."]
-    for name, rec in records.items():
+    run = load_run(workdir)
+    made = run_figures(run.summary, workdir / "figures")
+    tables = run_tables(run)
+    stage_timings = {name: seconds for name, seconds, _ in run.timings if name != "report"}
+    notes = [f"Stages run: {', '.join(s for s in run.records if s != 'report')} (hashes in each stage's DONE file)."]
+    for name, rec in run.records.items():
         if rec.get("resumed"):
             notes.append(f"Stage {name} was resumed after an interruption; its time counts the last attempt only.")
-    notes += summary.get("notes", [])
+    notes += run.summary.get("notes", [])
+    notes.append(INTERVAL_NOTE)
     figures.write_report(
         workdir / "report.md",
         config=ctx.cfg.to_dict(),
@@ -143,8 +120,13 @@ def stage_report(ctx: StageContext) -> dict:
         figures=made,
         tables=tables,
         notes=notes,
+        findings=F.findings(run),
     )
-    return {"figures": sorted(p.name for p in made.values()), "tables": sorted(tables)}
+    # The captions travel with the figures, so report.html (rewritten from the folder alone) has them.
+    if made:
+        (workdir / "figures" / "captions.json").write_text(json.dumps({p.name: c for c, p in made.items()}, indent=1))
+    html = write_explorer(workdir)
+    return {"figures": sorted(p.name for p in made.values()), "tables": sorted(tables), "html": html.name}
 
 
 # ---------------------------------------------------------------- sweeps

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from experiments.config_util import ConfigError, apply_overrides, load_config, load_config_module
 from experiments.pipeline import StageError, WorkdirError, run_pipeline
+from experiments.quiet import setup_logging
+from experiments.wandb_log import wandb_run
 
 
 def _run_name(i: int, entry: dict) -> str:
@@ -66,7 +68,9 @@ def main(argv=None) -> int:
     p.add_argument("--stages", default=None, help="stages per run (default: the config's SWEEP_STAGES, else all)")
     p.add_argument("--print-commands", action="store_true", help="print one launch command per run and exit")
     p.add_argument("--overwrite", action="store_true", help="allow changed configs in existing run folders")
+    p.add_argument("--log-level", default="INFO", help="INFO (default) | DEBUG (also third-party messages) | WARNING")
     args, rest = p.parse_known_args(argv)
+    setup_logging(args.log_level)
     bad = [r for r in rest if not r.startswith("--config.")]
     if bad:
         p.error(f"unrecognized arguments {bad} (overrides look like --config.sft.num_steps=10)")
@@ -95,7 +99,8 @@ def main(argv=None) -> int:
         finished: list[Path] = []
         for name, cfg, _ in runs:
             print(f"[sweep] run {name}", flush=True)
-            run_pipeline(cfg, root / name, stages=stages, overwrite=args.overwrite, reuse_from=finished)
+            with wandb_run(cfg, root / name):
+                run_pipeline(cfg, root / name, stages=stages, overwrite=args.overwrite, reuse_from=finished)
             finished.append(root / name)
         from experiments.report import sweep_report
 

@@ -154,3 +154,17 @@ def test_write_report(tmp_path, monkeypatch):
         write_report(tmp_path / "r3.md", config={}, stage_timings={"sft": "slow"}, figures={}, tables={})
     with pytest.raises(ValueError, match="path must end in .md"):
         write_report(tmp_path / "r.txt", config={}, stage_timings={}, figures={}, tables={})
+
+
+def test_run_figures_draws_mc_calibration(tmp_path):
+    """The eval's multiple-choice bins (mean_confidence / accuracy, cai_jax.eval.mc.calibration)
+    feed the Fig. 9 panel beside the PM's bins (mean_pred / mean_target)."""
+    from cai_jax.eval.mc import calibration
+    from experiments.report import run_figures
+
+    mc = calibration([0.9, 0.8, 0.6, 0.95], [1, 0, 1, 1], n_bins=5)
+    bins = {k: [float(x) for x in v] for k, v in mc["bins"].items()}  # as summary.json holds them
+    made = run_figures({"mc": {"hhh.jsonl": {"n": 4, "accuracy": 0.75, "bins": bins}}}, tmp_path)
+    (caption,) = made
+    assert caption.startswith("Fig. 9 analogue")
+    _assert_png(made[caption])

@@ -65,11 +65,15 @@ def _outcome(workdir: Path) -> dict:
     return out
 
 
+_OUTPUT: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tiny") / "run"
     t0 = time.perf_counter()
-    _finish(_launch(workdir))
+    out = _finish(_launch(workdir))
+    _OUTPUT["first launch"] = out  # for the quiet-logging check
     return workdir, time.perf_counter() - t0
 
 
@@ -94,6 +98,52 @@ def test_tiny_config_runs_every_stage(tiny_run):
     # Finished: a relaunch skips every stage.
     out = _finish(_launch(workdir))
     assert "starting" not in out and "resuming" not in out
+
+
+def test_tiny_run_report_html_shows_every_row(tiny_run):
+    """The report stage's report.html holds every revision round, comparison and PPO sample of the
+    run, read back by parsing the page (rows found through the engines' own shard lists)."""
+    from cai_jax.cai.feedback import comparison_files
+    from cai_jax.cai.revisions import revision_files
+    from experiments.explorer import display_text
+    from tests._html import Page
+
+    workdir, _ = tiny_run
+    page = Page((workdir / "report.html").read_text(encoding="utf-8"))
+    read = lambda files: [json.loads(line) for f in files for line in Path(f).read_text().splitlines()]  # noqa: E731
+    chains = {(r["attrs"]["data-kind"], r["attrs"]["data-id"]): r for r in page.of("revision")}
+    n_rounds = 0
+    for kind in ("red_team", "helpful"):
+        for row in read(revision_files(workdir / "revisions" / kind)):
+            shown = chains.pop((kind, row["id"]))
+            assert shown["fields"]["initial_response"] == display_text(row["initial_response"])
+            assert [r["fields"]["revision"] for r in shown["rounds"]] == [
+                display_text(r["revision"]) for r in row["rounds"]
+            ]
+            assert [r["fields"]["critique"] for r in shown["rounds"]] == [
+                display_text(r["critique"]) for r in row["rounds"]
+            ]
+            assert [r["fields"]["principle_id"] for r in shown["rounds"]] == [r["principle_id"] for r in row["rounds"]]
+            n_rounds += len(row["rounds"])
+    assert not chains and n_rounds == 10  # 5 red-team prompts x 2 rounds
+    comparisons = read(comparison_files(workdir / "feedback" / "comparisons"))
+    shown = sorted(
+        (r["fields"]["response_a"], r["fields"]["response_b"], r["values"]["p_a"]) for r in page.of("comparison")
+    )
+    assert shown == sorted(
+        (display_text(c["response_a"]), display_text(c["response_b"]), c["p_a"]) for c in comparisons
+    )
+    samples = read([workdir / "ppo" / "samples.jsonl"])
+    shown = sorted(
+        (int(r["attrs"]["data-iteration"]), r["fields"]["response"], r["values"]["score"]) for r in page.of("sample")
+    )
+    assert shown == sorted((s["iteration"], display_text(s["response"]), s["score"]) for s in samples)
+    assert len(samples) == 12  # 3 iterations x 4 samples
+    report = (workdir / "report.md").read_text()
+    assert "## What this run shows" in report and "without EOS" in report
+    # Quiet by default (experiments/quiet.py): no third-party advisories or progress bars.
+    out = _OUTPUT["first launch"]
+    assert "PyTorch was not found" not in out and "Generating train split" not in out
 
 
 def test_killed_mid_stage_and_relaunched_ends_identical(tiny_run, tmp_path):

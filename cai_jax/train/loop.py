@@ -56,6 +56,7 @@ from cai_jax.train.steps import check_finite
 __all__ = [
     "jit_train_step",
     "state_shardings",
+    "METRICS_SINKS",
     "MetricsLogger",
     "EpochBatcher",
     "Batcher",
@@ -132,6 +133,12 @@ def jit_train_step(
     return step
 
 
+# Callables sink(metrics file path, row) that also get every row a MetricsLogger writes (on the
+# process that writes the file): the entry points register optional loggers here, e.g. Weights &
+# Biases (experiments/wandb_log.py), so the loops stay free of them.
+METRICS_SINKS: list[Callable[[str, dict], None]] = []
+
+
 class MetricsLogger:
     """Appends one JSON object per step to `path`, fetching each step's metrics one step late.
 
@@ -199,6 +206,8 @@ class MetricsLogger:
         if self._file is not None:
             self._file.write(json.dumps(row) + "\n")
             self._file.flush()
+            for sink in METRICS_SINKS:
+                sink(self.path, row)
 
     def close(self) -> None:
         """Drops (does not fetch) anything pending and closes the file."""
