@@ -42,6 +42,11 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
     p.add_argument("--log-level", default="INFO", help="INFO (default) | DEBUG (also third-party messages) | WARNING")
+    p.add_argument(
+        "--no-compilation-cache",
+        action="store_true",
+        help="compile every program afresh (default: JAX's persistent cache, see cai_jax/compile_cache.py)",
+    )
     args, rest = p.parse_known_args(argv)
     overrides = []
     for item in rest:
@@ -54,7 +59,14 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     setup_logging(args.log_level)  # before transformers / datasets are imported (experiments/quiet.py)
+    from cai_jax import compile_cache
     from cai_jax.sharding import initialize_distributed
+
+    try:
+        compile_cache.enable("0" if args.no_compilation_cache else None)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     # Explicit flags, else COORDINATOR_ADDRESS/NUM_PROCESSES/PROCESS_ID, else a detected cluster.
     initialize_distributed(

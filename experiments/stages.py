@@ -138,6 +138,20 @@ def load_prompt_split(ctx: StageContext, kind: str) -> tuple[list, list, dict]:
     return ctx.cache[key]
 
 
+def stage_optim(cfg, stage: str):
+    """The optimizer config of a training stage (sft | pmp | pm | ppo), its schedule derived from the
+    stage's own number of optimizer updates where `optim.total_steps` is 0."""
+    from cai_jax.train.ppo_steps import PPOConfig
+    from cai_jax.train.state import OptimConfig
+
+    if stage == "ppo":
+        c = cfg.ppo
+        ppo = PPOConfig.from_config({k: v for k, v in c.items() if k not in ("num_iterations", "optim")})
+        return OptimConfig.from_config(c.optim, updates=int(c.num_iterations) * ppo.updates_per_iteration)
+    section = {"sft": cfg.sft, "pmp": cfg.pm.pmp, "pm": cfg.pm}[stage]
+    return OptimConfig.from_config(section.optim, updates=int(section.num_steps) // int(section.optim.grad_accum_steps))
+
+
 def read_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -206,7 +220,6 @@ def stage_sft(ctx: StageContext) -> dict:
     from cai_jax.cai.sft_data import build_sft_examples
     from cai_jax.checkpoints.train_state import CheckpointConfig
     from cai_jax.train.sft import train_sft
-    from cai_jax.train.state import OptimConfig
 
     s = ctx.cfg.sft
     lm = load_base_model(ctx)
@@ -238,7 +251,7 @@ def stage_sft(ctx: StageContext) -> dict:
         lm.model,
         lm.params,
         examples,
-        optim_cfg=OptimConfig.from_config(s.optim, updates=int(s.num_steps) // int(s.optim.grad_accum_steps)),
+        optim_cfg=stage_optim(ctx.cfg, "sft"),
         ckpt_cfg=CheckpointConfig(
             directory=str((ctx.dir / "checkpoints").resolve()),
             save_every_steps=int(ctx.cfg.checkpoint.save_every_steps),
@@ -344,7 +357,6 @@ def stage_pm(ctx: StageContext) -> dict:
     from cai_jax.cai.feedback import load_comparisons_dataset
     from cai_jax.cai.pmp import build_pmp_pairs, load_pmp_questions, shipped_pmp_sample
     from cai_jax.train.pm import load_comparisons, mix_comparisons, train_pm
-    from cai_jax.train.state import OptimConfig
 
     p = ctx.cfg.pm
     # The paper's PMs start from pretrained LMs of the policy's size, not from the SL-CAI policy.
@@ -390,9 +402,7 @@ def stage_pm(ctx: StageContext) -> dict:
             lm.config,
             params,
             pairs,
-            optim_cfg=OptimConfig.from_config(
-                p.pmp.optim, updates=int(p.pmp.num_steps) // int(p.pmp.optim.grad_accum_steps)
-            ),
+            optim_cfg=stage_optim(ctx.cfg, "pmp"),
             ckpt_cfg=_ckpt(ctx, "pmp"),
             num_steps=int(p.pmp.num_steps),
             batch_size=min(int(p.batch_size), len(pairs)),
@@ -405,7 +415,7 @@ def stage_pm(ctx: StageContext) -> dict:
         lm.config,
         params,
         train_rows,
-        optim_cfg=OptimConfig.from_config(p.optim, updates=int(p.num_steps) // int(p.optim.grad_accum_steps)),
+        optim_cfg=stage_optim(ctx.cfg, "pm"),
         ckpt_cfg=_ckpt(ctx),
         num_steps=int(p.num_steps),
         batch_size=min(int(p.batch_size), len(train_rows)),  # tiny runs have fewer pairs than a batch
@@ -444,7 +454,6 @@ def stage_ppo(ctx: StageContext) -> dict:
     """
     from cai_jax.checkpoints.pm import load_pm
     from cai_jax.train.ppo import PPOConfig, train_ppo
-    from cai_jax.train.state import OptimConfig
 
     c = ctx.cfg.ppo
     policy = load_exported(ctx, ctx.dep("sft") / "export")
@@ -464,7 +473,7 @@ def stage_ppo(ctx: StageContext) -> dict:
             pm,
             prompts,
             ppo_cfg=ppo_cfg,
-            optim_cfg=OptimConfig.from_config(c.optim, updates=int(c.num_iterations) * ppo_cfg.updates_per_iteration),
+            optim_cfg=stage_optim(ctx.cfg, "ppo"),
             ckpt_cfg=_ckpt(ctx),
             mesh_cfg=ctx.cfg.mesh,
             num_iterations=k,

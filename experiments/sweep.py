@@ -71,6 +71,9 @@ def main(argv=None) -> int:
     p.add_argument("--log-level", default="INFO", help="INFO (default) | DEBUG (also third-party messages) | WARNING")
     args, rest = p.parse_known_args(argv)
     setup_logging(args.log_level)
+    from cai_jax import compile_cache
+
+    compile_cache.enable()  # the runs of a sweep compile the same programs: compile each once
     bad = [r for r in rest if not r.startswith("--config.")]
     if bad:
         p.error(f"unrecognized arguments {bad} (overrides look like --config.sft.num_steps=10)")

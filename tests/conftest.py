@@ -12,6 +12,16 @@ import numpy as np
 import pytest
 
 TESTDATA = Path(__file__).resolve().parent / "testdata"
+
+
+def pytest_configure(config):
+    """The persistent compilation cache for this process and the launches it starts (same programs
+    compile once per machine, not once per test; `CAI_JAX_COMPILATION_CACHE=0` turns it off)."""
+    from cai_jax import compile_cache
+
+    compile_cache.enable()
+
+
 TINY_FAMILIES = ("llama", "qwen2", "mistral")
 SMOLLM2 = "smollm2-135m-instruct"
 

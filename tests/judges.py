@@ -7,13 +7,13 @@ the principle asked. They follow the callable contract of `cai_jax.cai.judge`.
 
 from __future__ import annotations
 
-PREFERRED = "!"  # the character the known-preference judge rewards
+PREFERRED = ("!",)  # characters the known-preference judge rewards
 CONFIDENCE = 4.0  # log-score gap: p = sigmoid(4) = 0.982 for the response with the property
 
 
 def has_property(text: str) -> bool:
-    """The checkable property: the response contains `PREFERRED`."""
-    return PREFERRED in text
+    """The checkable property: the response contains one of the `PREFERRED` characters."""
+    return any(c in text for c in PREFERRED)
 
 
 def prefers_property(questions):

@@ -32,6 +32,49 @@ def test_every_config_builds_and_every_sweep_expands(path):
         assert len({json.dumps(c.to_dict(), sort_keys=True, default=str) for _, c, _ in runs}) == len(runs)
 
 
+def _shipped_runs():
+    """(name, config) of every shipped config and every run of every shipped sweep, each macro argument."""
+    for path in CONFIGS:
+        module = load_config_module(str(path))
+        args = ("demo", "base", "tiny") if hasattr(module, "sweep") else (None,)
+        for arg in args:
+            spec = f"{path}:{arg}" if arg else str(path)
+            yield spec, load_config(spec)
+            if hasattr(module, "sweep"):
+                for name, cfg, _ in sweep.expand(spec):
+                    yield f"{spec} {name}", cfg
+
+
+def test_every_schedule_ends_where_its_stage_updates_end():
+    """The cosine floor is reached at the stage's last optimizer update, in every shipped run.
+
+    Updates are counted here from what each loop does: SFT / PMP / PM take `num_steps` micro-steps of
+    `grad_accum_steps` each; a PPO iteration makes `ppo_epochs` passes of rollout / minibatch updates.
+    """
+    from experiments.stages import stage_optim
+
+    checked = 0
+    for name, cfg in _shipped_runs():
+        counts = {
+            "sft": cfg.sft.num_steps // cfg.sft.optim.grad_accum_steps,
+            "pmp": cfg.pm.pmp.num_steps // cfg.pm.pmp.optim.grad_accum_steps,
+            "pm": cfg.pm.num_steps // cfg.pm.optim.grad_accum_steps,
+            "ppo": cfg.ppo.num_iterations * cfg.ppo.ppo_epochs * (cfg.ppo.rollout_batch_size // cfg.ppo.minibatch_size),
+        }
+        for stage, updates in counts.items():
+            ocfg = stage_optim(cfg, stage)
+            assert ocfg.total_steps == max(updates, ocfg.warmup_steps + 1), (name, stage, ocfg.total_steps, updates)
+            checked += 1
+    assert checked > 40
+    # An explicit total_steps stays as written; 0 without a count of updates is an error.
+    from cai_jax.train.state import OptimConfig
+
+    cfg = load_config("configs/tiny.py", ["sft.optim.total_steps=77"])
+    assert stage_optim(cfg, "sft").total_steps == 77
+    with pytest.raises(ValueError, match="total_steps=0"):
+        OptimConfig.from_config(cfg.pm.optim)
+
+
 def test_label_sweep_shares_upstream_stages():
     runs = sweep.expand("configs/ablate_labels.py")
     hashes = [stage_hashes(cfg) for _, cfg, _ in runs]

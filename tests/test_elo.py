@@ -161,3 +161,31 @@ def test_near_even_soft_labels_converge_in_every_bootstrap_resample():
     scores = elo_scores(comps, anchor="helpful", n_bootstrap=100, seed=5, l2=0.01)
     assert all(np.isfinite([s.elo, s.lo, s.hi]).all() for s in scores.values())
     assert all(s.lo <= s.elo <= s.hi for s in scores.values())
+
+
+def test_cluster_bootstrap_over_prompts_widens_intervals_of_correlated_comparisons():
+    """k identical comparisons per prompt carry one prompt's worth of evidence, not k.
+
+    Resampling comparisons one by one (the pair bootstrap) shrinks the interval by about sqrt(k);
+    resampling prompts (groups) gives the interval of the data with one comparison per prompt.
+    """
+    rng = np.random.default_rng(0)
+    p_prompt = rng.uniform(0.1, 0.95, 40)  # model a's win probability on each of 40 prompts
+    once = [("a", "b", float(p)) for p in p_prompt]
+    k = 9
+    copies = [c for c in once for _ in range(k)]
+    groups = [i for i in range(len(once)) for _ in range(k)]
+
+    def width(comparisons, **kw):
+        s = elo_scores(comparisons, anchor="b", n_bootstrap=400, seed=1, **kw)["a"]
+        return s.hi - s.lo, s.elo
+
+    w_once, elo_once = width(once, groups=list(range(len(once))))
+    w_pairs, elo_pairs = width(copies)
+    w_groups, elo_groups = width(copies, groups=groups)
+    # The same point estimate (up to the tiny L2 prior, weaker against 9x the data).
+    assert elo_pairs == pytest.approx(elo_once, rel=1e-4) and elo_groups == elo_pairs
+    assert w_pairs < 0.5 * w_groups  # about 1 / sqrt(9) = 0.33 of it
+    assert w_groups == pytest.approx(w_once, rel=0.25)
+    with pytest.raises(ValueError, match="groups for"):
+        elo_scores(copies, groups=groups[:-1], n_bootstrap=5)

@@ -75,7 +75,17 @@ def test_shipped_sample_loads_and_covers_every_rule():
     assert any(a.upvotes < 0 and a.score == -1 for a in answers)
     assert any(a.upvotes == 0 and a.score == 0 for a in answers)
     assert any(a.accepted for a in answers)
-    assert all(a.score == pmp_score(a.upvotes, a.accepted) for a in answers)
+    # Every answer's score, worked out by hand from round(log2(1 + upvotes)) + accepted (-1 below
+    # 0 votes): e.g. 4 -> round(2.32) = 2, 5 -> round(2.58) = 3, 22 accepted -> round(4.52) + 1 = 6.
+    hand = {
+        (-6, False): -1, (-5, False): -1, (-4, False): -1, (-3, False): -1, (-2, False): -1, (-1, False): -1,
+        (0, False): 0, (1, False): 1, (2, False): 2, (3, False): 2, (4, False): 2, (5, False): 3, (6, False): 3,
+        (7, False): 3, (8, True): 4, (9, False): 3, (10, True): 4, (11, False): 4, (12, True): 5, (13, False): 4,
+        (14, True): 5, (15, False): 4, (16, True): 5, (18, True): 5, (19, True): 5, (21, False): 4, (22, True): 6,
+        (25, True): 6, (30, False): 5, (33, False): 5, (42, True): 6, (54, True): 7, (63, True): 7,
+    }  # fmt: skip
+    assert {(a.upvotes, a.accepted) for a in answers} == set(hand)
+    assert all(a.score == hand[(a.upvotes, a.accepted)] for a in answers)
     assert load_pmp_questions("shipped") == qs
     assert qs[0].source == "shipped:pmp_sample"
 

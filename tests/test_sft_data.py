@@ -52,9 +52,22 @@ def test_loss_mask_marks_exactly_the_response(tok, rendering):
     assert len(ids) == len(mask) and mask[0] == 0 and mask[-1] == 1
     first = mask.index(1)
     assert all(mask[first:]) and not any(mask[:first])
-    response = tok.decode(ids[first:], skip_special_tokens=True)
-    assert response.strip() == "Put it in boiling water for 9 minutes."
+    response = "Put it in boiling water for 9 minutes."
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    if rendering == "chat":  # the response as the template writes it, closed by <|im_end|> and nothing after
+        assert ids[first:] == tok(response, add_special_tokens=False)["input_ids"] + [end]
+    else:  # " " + response, closed by the tokenizer's EOS
+        assert ids[first:] == tok(" " + response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert "boil an egg" in tok.decode(ids[:first])
+
+
+def test_sl_cai_0_fine_tunes_on_the_initial_answers(tok):
+    rows = [_row(i, 2) for i in range(3)]
+    for final_only in (False, True):
+        examples = build_sft_examples(rows, tok, revision_round=0, final_only=final_only)
+        assert [(e.response, e.source) for e in examples] == [(f"answer {i}", "revision_0") for i in range(3)]
+    # Rows made with no revision rounds at all: SL-CAI-0 as well.
+    assert len(build_sft_examples([_row(0, 0)], tok)) == 1
 
 
 def test_bad_rows_are_named(tok):

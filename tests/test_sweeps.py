@@ -1,0 +1,69 @@
+"""Every shipped ablation sweep (`configs/ablate_*.py:tiny`) runs to its `sweep_report.md`.
+
+Each sweep runs as a user would run it (`python -m experiments.sweep`), on the tiny config: the
+runs share the stages their configs have in common, and the cross-run figure and table are drawn.
+Sweeps over revision settings train no preference model of their own; as the README says, they
+are given one to score with (`--config.eval.scorer_pm`), here a tiny run's.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.config_util import load_config_module
+from experiments.sweep import expand
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = sorted(p.name for p in (ROOT / "configs").glob("ablate_*.py"))
+pytestmark = pytest.mark.slow
+
+
+def _run(args: list[str], timeout: float = 1500) -> str:
+    env = {**os.environ, "PYTHONHASHSEED": "0", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-m", *args, "--config.log.progress=False"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def scorer_pm(tmp_path_factory):
+    """A tiny run's preference model, for the sweeps that train none."""
+    workdir = tmp_path_factory.mktemp("scorer") / "run"
+    _run(
+        [
+            "experiments.launch",
+            "--config",
+            "configs/tiny.py",
+            "--workdir",
+            str(workdir),
+            "--stages",
+            "revisions,sft,feedback,pm",
+        ]
+    )
+    return workdir / "pm" / "export"
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_sweep_runs_to_its_report(name, scorer_pm, tmp_path):
+    spec = f"configs/{name}:tiny"
+    module = load_config_module(spec)
+    stages = getattr(module, "SWEEP_STAGES", "all")
+    extra = [] if "pm" in stages.split(",") else [f"--config.eval.scorer_pm={scorer_pm}"]
+    out = _run(["experiments.sweep", "--config", spec, "--root", str(tmp_path), *extra])
+    runs = [run for run, _, _ in expand(spec)]
+    report = (tmp_path / "sweep_report.md").read_text()
+    assert f"{len(runs)} runs done" in out
+    for run in runs:
+        assert run in report
+        assert (tmp_path / run / "report.md").is_file(), run
+    figures = sorted((tmp_path / "figures").glob("*.png"))
+    assert figures and all(f.stat().st_size > 1000 for f in figures), figures
+    assert all(f.name in report for f in figures)
