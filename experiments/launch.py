@@ -23,7 +23,7 @@ if __name__ == "__main__":  # before anything heavy is imported: the process may
 
     reexec_with_malloc_tunables()
 
-from experiments.config_util import ConfigError, load_config
+from experiments.config_util import ConfigError, load_config, parse_known_overrides
 from experiments.pipeline import ORDER, StageError, WorkdirError, run_pipeline
 
 
@@ -41,13 +41,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
     p.add_argument("--log-level", default="INFO")
-    args, rest = p.parse_known_args(argv)
-    overrides = []
-    for item in rest:
-        if not item.startswith("--config."):
-            p.error(f"unrecognized argument {item!r} (overrides look like --config.sft.num_steps=10)")
-        overrides.append(item[len("--config.") :])
-    return args, overrides
+    return parse_known_overrides(p, argv)
 
 
 def main(argv=None) -> int:
