@@ -60,6 +60,63 @@ PROMPTS = [
 PHASES = ("rollout", "scoring", "train")
 
 
+def ppo_iterations(lm, *, prompts: int, new_tokens: int, ppo_epochs: int, minibatch: int, micro_batch: int) -> dict:
+    """Two PPO iterations of `lm` against itself (policy, reference, value and PM as described above);
+    the second is the measurement. Returns the per-phase seconds, compile seconds and tokens/s."""
+    head = {
+        "kernel": 1e-3 * jax.random.normal(jax.random.key(1), (lm.config.hidden_size, 1), jnp.float32),
+        "bias": jnp.zeros((1,), jnp.float32),
+    }
+    pm = types.SimpleNamespace(
+        model=ScalarModel(lm.config),
+        params={"backbone": lm.params, "head": head},
+        tokenizer=lm.tokenizer,
+        config=lm.config,
+        reward_mean=0.0,
+        reward_std=1.0,
+    )
+    texts = [PROMPTS[i % len(PROMPTS)] for i in range(prompts)]
+    ids = [encode(lm.tokenizer, render_chat(lm.tokenizer, [{"role": "user", "content": t}])) for t in texts]
+    ppo = PPOConfig(
+        rollout_batch_size=prompts,
+        minibatch_size=minibatch,
+        micro_batch_size=micro_batch,
+        ppo_epochs=ppo_epochs,
+        max_new_tokens=new_tokens,
+        value_init="pm",
+        sample_every=0,
+    )
+    with tempfile.TemporaryDirectory() as workdir:
+        t0 = time.perf_counter()
+        train_ppo(
+            lm,
+            lm,
+            pm,
+            ids,
+            ppo_cfg=ppo,
+            optim_cfg=OptimConfig(lr=1e-6),
+            ckpt_cfg=False,
+            num_iterations=2,
+            seed=0,
+            workdir=workdir,
+        )
+        total = time.perf_counter() - t0
+        rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    first, second = rows
+    timed = {p: second[f"time/{p}"] for p in PHASES}
+    return {
+        "rollout_s": timed["rollout"],
+        "scoring_s": timed["scoring"],
+        "train_s": timed["train"],
+        "iteration_s": sum(timed.values()),
+        "compile_s": {p: first[f"time/{p}"] - second[f"time/{p}"] for p in PHASES},
+        "response_length_mean": second["response/length_mean"],
+        "rollout_tokens_per_s": prompts * second["response/length_mean"] / timed["rollout"],
+        "wall_s_two_iterations_incl_load": total,
+        "ppo": {k: getattr(ppo, k) for k in ("rollout_batch_size", "minibatch_size", "micro_batch_size", "ppo_epochs")},
+    }
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -73,66 +130,23 @@ def main():
     args = ap.parse_args()
 
     lm = load_pretrained(args.model, dtype=args.dtype)
-    head = {
-        "kernel": 1e-3 * jax.random.normal(jax.random.key(1), (lm.config.hidden_size, 1), jnp.float32),
-        "bias": jnp.zeros((1,), jnp.float32),
-    }
-    pm = types.SimpleNamespace(
-        model=ScalarModel(lm.config),
-        params={"backbone": lm.params, "head": head},
-        tokenizer=lm.tokenizer,
-        config=lm.config,
-        reward_mean=0.0,
-        reward_std=1.0,
-    )
-    texts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
-    prompts = [encode(lm.tokenizer, render_chat(lm.tokenizer, [{"role": "user", "content": t}])) for t in texts]
-    ppo = PPOConfig(
-        rollout_batch_size=args.prompts,
-        minibatch_size=args.minibatch,
-        micro_batch_size=args.micro_batch,
+    result = ppo_iterations(
+        lm,
+        prompts=args.prompts,
+        new_tokens=args.new_tokens,
         ppo_epochs=args.ppo_epochs,
-        max_new_tokens=args.new_tokens,
-        value_init="pm",
-        sample_every=0,
+        minibatch=args.minibatch,
+        micro_batch=args.micro_batch,
     )
-    with tempfile.TemporaryDirectory() as workdir:
-        t0 = time.perf_counter()
-        train_ppo(
-            lm,
-            lm,
-            pm,
-            prompts,
-            ppo_cfg=ppo,
-            optim_cfg=OptimConfig(lr=1e-6),
-            ckpt_cfg=False,
-            num_iterations=2,
-            seed=0,
-            workdir=workdir,
-        )
-        total = time.perf_counter() - t0
-        rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    first, second = rows
-    timed = {p: second[f"time/{p}"] for p in PHASES}
-    compile_s = {p: first[f"time/{p}"] - second[f"time/{p}"] for p in PHASES}
-    iteration_s = sum(timed.values())
+    timed = {p: result[f"{p}_s"] for p in PHASES}
+    compile_s = result["compile_s"]
     meta = {
         "command": "python " + " ".join(sys.argv),
         "machine": _machine(),
         "commit": _commit(),
         "jax": jax.__version__,
         "dtype": args.dtype,
-        "ppo": {k: getattr(ppo, k) for k in ("rollout_batch_size", "minibatch_size", "micro_batch_size", "ppo_epochs")},
-    }
-    result = {
-        "rollout_s": timed["rollout"],
-        "scoring_s": timed["scoring"],
-        "train_s": timed["train"],
-        "iteration_s": iteration_s,
-        "compile_s": compile_s,
-        "response_length_mean": second["response/length_mean"],
-        "rollout_tokens_per_s": args.prompts * second["response/length_mean"] / timed["rollout"],
-        "wall_s_two_iterations_incl_load": total,
+        "ppo": result.pop("ppo"),
     }
     print(f"machine: {meta['machine']}; commit {meta['commit']}; jax {meta['jax']}")
     print(
@@ -143,8 +157,8 @@ def main():
     print("|---|---:|---:|---:|---:|---:|---:|")
     print(
         f"| {args.model} | {timed['rollout']:.2f} | {timed['scoring']:.2f} | {timed['train']:.2f} | "
-        f"{iteration_s:.2f} | {compile_s['rollout']:.1f} / {compile_s['scoring']:.1f} / {compile_s['train']:.1f} | "
-        f"{second['response/length_mean']:.1f} |"
+        f"{result['iteration_s']:.2f} | {compile_s['rollout']:.1f} / {compile_s['scoring']:.1f} / "
+        f"{compile_s['train']:.1f} | {result['response_length_mean']:.1f} |"
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
