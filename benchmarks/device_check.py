@@ -244,7 +244,10 @@ def check_tiny(model_folder: Path, overrides) -> dict:
         if r.returncode != 0:
             raise RuntimeError(f"launch exited with {r.returncode}:\n{(r.stdout + r.stderr)[-3000:]}")
         timings = json.loads((Path(workdir) / "timings.json").read_text())
-    return {"stages_s": {k: v["seconds"] for k, v in timings.items()}, "wall_s": wall, "overrides": list(overrides)}
+    from experiments.pipeline import ORDER
+
+    stages_s = {k: timings[k]["seconds"] for k in ORDER if k in timings}
+    return {"stages_s": stages_s, "wall_s": wall, "overrides": list(overrides)}
 
 
 # ---------------------------------------------------------------- main

@@ -140,7 +140,8 @@ def _tokens(shape) -> jax.ShapeDtypeStruct:
 
 def loaded(ctx: PlanContext, module: nn.Module, name: str) -> tuple[Any, Held]:
     """A model's params as a stage loads them: whole, on the first device."""
-    shapes = jax.eval_shape(lambda: nn.meta.unbox(module.init(jax.random.key(0), _tokens((1, 8)))["params"]))
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(module.init(jax.random.key(0), tokens)["params"]))
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=ctx.first_device), shapes)
     return params, Held(f"{name} (loaded on device 0)", params_bytes=bytes_per_device(params))
 
