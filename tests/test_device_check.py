@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # ~1 to 2.5 min on 2 cores: every part compiles its own small programs
 def test_device_check_smoke(tmp_path, smollm2_gguf):
     out = tmp_path / "check.json"
     cmd = [sys.executable, "-m", "benchmarks.device_check", "--smoke", "--json", str(out)]

@@ -47,6 +47,7 @@ def _plan(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # ~90 s: 16 compiles of the tiny model (the vocabulary of 49152 dominates)
 def test_tiny_plan_on_8_devices_matches_a_hand_count(tmp_path):
     out = tmp_path / "plan.json"
     r = _plan(
@@ -90,6 +91,7 @@ def test_tiny_plan_on_8_devices_matches_a_hand_count(tmp_path):
     assert "| sft | sft step | 8 x 96 tokens |" in r.stdout
 
 
+@pytest.mark.slow  # ~40 s: one compile of the 32-layer model
 def test_8b_on_one_16gb_device_does_not_fit_by_its_train_state(tmp_path):
     out = tmp_path / "plan.json"
     small = ["--config.mesh.fsdp=1", "--config.sft.batch_size=1", "--config.sft.seq_len=64"]
