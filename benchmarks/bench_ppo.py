@@ -65,21 +65,14 @@ PROMPTS = [
 PHASES = ("rollout", "scoring", "train")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "configs" / "demo.py"), help="the run whose PPO settings are timed")
-    ap.add_argument("--json", type=Path)
-    args, rest = ap.parse_known_args()
-    bad = [r for r in rest if not r.startswith("--config.")]
-    if bad:
-        ap.error(f"unrecognized arguments {bad} (overrides look like --config.ppo.max_new_tokens=128)")
-    cfg = load_config(args.config, [r[len("--config.") :] for r in rest])
+def ppo_iterations(lm, cfg) -> dict:
+    """Two PPO iterations of `lm` against itself, with the PPO settings of the run config `cfg`
+    (policy, reference, value and PM as described above); the second is the measurement.
+    Returns the per-phase seconds, compile seconds and tokens/s."""
     c = cfg.ppo
     ppo = PPOConfig.from_config({k: v for k, v in c.items() if k not in ("num_iterations", "optim")})
     ppo = dataclasses.replace(ppo, sample_every=0)
     optim = OptimConfig.from_config(c.optim, updates=int(c.num_iterations) * ppo.updates_per_iteration)
-
-    lm = load_pretrained(cfg.model.name, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
     head = {
         "kernel": 1e-3 * jax.random.normal(jax.random.key(1), (lm.config.hidden_size, 1), jnp.float32),
         "bias": jnp.zeros((1,), jnp.float32),
@@ -115,8 +108,37 @@ def main():
         rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
     first, second = rows
     timed = {p: second[f"time/{p}"] for p in PHASES}
-    compile_s = {p: first[f"time/{p}"] - second[f"time/{p}"] for p in PHASES}
-    iteration_s = sum(timed.values())
+    return {
+        "rollout_s": timed["rollout"],
+        "scoring_s": timed["scoring"],
+        "train_s": timed["train"],
+        "iteration_s": sum(timed.values()),
+        "compile_s": {p: first[f"time/{p}"] - second[f"time/{p}"] for p in PHASES},
+        "response_length_mean": second["response/length_mean"],
+        "no_eos_frac": second["response/no_eos_frac"],
+        "rollout_tokens_per_s": ppo.rollout_batch_size * second["response/length_mean"] / timed["rollout"],
+        "wall_s_two_iterations_incl_load": total,
+        "ppo": {
+            k: getattr(ppo, k)
+            for k in ("rollout_batch_size", "minibatch_size", "micro_batch_size", "ppo_epochs", "max_new_tokens")
+        },
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "demo.py"), help="the run whose PPO settings are timed")
+    ap.add_argument("--json", type=Path)
+    args, rest = ap.parse_known_args()
+    bad = [r for r in rest if not r.startswith("--config.")]
+    if bad:
+        ap.error(f"unrecognized arguments {bad} (overrides look like --config.ppo.max_new_tokens=128)")
+    cfg = load_config(args.config, [r[len("--config.") :] for r in rest])
+    lm = load_pretrained(cfg.model.name, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+    result = ppo_iterations(lm, cfg)
+    timed = {p: result[f"{p}_s"] for p in PHASES}
+    compile_s = result["compile_s"]
+    ppo = result.pop("ppo")
     meta = {
         "command": "python " + " ".join(sys.argv),
         "machine": _machine(),
@@ -124,31 +146,20 @@ def main():
         "jax": jax.__version__,
         "config": args.config,
         "dtype": cfg.model.dtype,
-        "ppo": {k: getattr(ppo, k) for k in ("rollout_batch_size", "minibatch_size", "micro_batch_size", "ppo_epochs")},
-    }
-    result = {
-        "rollout_s": timed["rollout"],
-        "scoring_s": timed["scoring"],
-        "train_s": timed["train"],
-        "iteration_s": iteration_s,
-        "compile_s": compile_s,
-        "response_length_mean": second["response/length_mean"],
-        "rollout_tokens_per_s": ppo.rollout_batch_size * second["response/length_mean"] / timed["rollout"],
-        "no_eos_frac": second["response/no_eos_frac"],
-        "wall_s_two_iterations_incl_load": total,
+        "ppo": ppo,
     }
     print(f"machine: {meta['machine']}; commit {meta['commit']}; jax {meta['jax']}")
     print(
-        f"command: {meta['command']}; {ppo.rollout_batch_size} prompts x {ppo.max_new_tokens} new tokens, "
-        f"{ppo.ppo_epochs} epochs of minibatch {ppo.minibatch_size} (micro {ppo.micro_batch_size}), "
+        f"command: {meta['command']}; {ppo['rollout_batch_size']} prompts x {ppo['max_new_tokens']} new tokens, "
+        f"{ppo['ppo_epochs']} epochs of minibatch {ppo['minibatch_size']} (micro {ppo['micro_batch_size']}), "
         f"{cfg.model.dtype}\n"
     )
     print("| model | rollout s | scoring s | train s | iteration s | compile s (r/s/t) | mean response tokens |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     print(
         f"| {cfg.model.name} | {timed['rollout']:.2f} | {timed['scoring']:.2f} | {timed['train']:.2f} | "
-        f"{iteration_s:.2f} | {compile_s['rollout']:.1f} / {compile_s['scoring']:.1f} / {compile_s['train']:.1f} | "
-        f"{second['response/length_mean']:.1f} |"
+        f"{result['iteration_s']:.2f} | {compile_s['rollout']:.1f} / {compile_s['scoring']:.1f} / "
+        f"{compile_s['train']:.1f} | {result['response_length_mean']:.1f} |"
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

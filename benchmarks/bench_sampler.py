@@ -143,7 +143,13 @@ def roofline(lm, prompt_len, batch, new_tokens, tokens_per_s):
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(lm.params))
     mean_len = prompt_len + new_tokens / 2
     kv_bytes = (
-        2 * cfg.num_layers * batch * mean_len * cfg.num_kv_heads * cfg.head_dim * np.dtype(cfg.jnp_dtype).itemsize
+        2
+        * cfg.num_layers
+        * batch
+        * mean_len
+        * cfg.num_kv_heads
+        * cfg.head_dim
+        * np.dtype(cfg.jnp_activation_dtype).itemsize  # the cache holds activations
     )
     step_s = batch / tokens_per_s
     return {

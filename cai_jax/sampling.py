@@ -293,6 +293,95 @@ def _sample(params, tokens_UP, mask_UP, src_B, row_ids_B, rng, stop_table_KQV, s
     return state["tokens"], state["logprobs"], state["lengths"], state["reason"]
 
 
+def call_shapes(
+    cfg: ModelConfig, rows: int, distinct: int, longest: int, max_new_tokens: int, min_bucket: int = 16
+) -> tuple[int, int, int]:
+    """(B rows, U distinct prompts, P prompt width) of one device call of `generate`.
+
+    Rows and distinct prompts are padded to powers of two, the longest prompt to its length bucket
+    (capped so that P + max_new_tokens fits the context).
+    """
+    p = min(bucket_length(longest, min_bucket), cfg.max_position_embeddings - max_new_tokens)
+    return pad_batch_size(rows), pad_batch_size(distinct), p
+
+
+def abstract_sample_call(
+    cfg: ModelConfig,
+    params: Any,
+    *,
+    rows: int,
+    distinct: int,
+    prompt_len: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    num_eos: int = 1,
+    sharding: Any = None,
+) -> tuple[Any, tuple, dict]:
+    """The jitted sampler and abstract arguments of one `generate` device call, for `.lower()`.
+
+    Shapes are those `call_shapes` gives (B = rows, U = distinct, P = prompt_len), so a planner
+    compiles exactly the executable `generate` runs (experiments/plan.py) without allocating it.
+    `params` are arrays or ShapeDtypeStructs (their shardings kept); the other inputs take
+    `sharding` (None: unspecified). No stop strings (they add a [K, Q, V] int32 table).
+
+    Returns:
+      (fn, args, kwargs) with `fn.lower(*args, **kwargs)` lowering the call.
+    """
+    s = _Settings(max_new_tokens, float(temperature), float(top_p), int(top_k), True, int(cfg.pad_token_id or 0))
+
+    def arg(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    args = (
+        params,
+        arg((distinct, prompt_len), jnp.int32),
+        arg((distinct, prompt_len), jnp.bool_),
+        arg((rows,), jnp.int32),
+        arg((rows,), jnp.int32),
+        jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding),
+        arg((0, 1, cfg.vocab_size), jnp.int32),
+        arg((0,), jnp.int32),
+        arg((max(num_eos, 1),), jnp.int32),
+    )
+    return _sample, args, {"cfg": cfg, "s": s}
+
+
+def abstract_decode_step(cfg: ModelConfig, params: Any, *, rows: int, cache_len: int, sharding: Any = None):
+    """One step of the sampler's decode loop (the model's `decode` of one token per row against a
+    `cache_len`-slot cache), jitted with abstract arguments: its cost analysis gives the FLOPs of a
+    decode step, which the loop's own cost analysis counts only once (XLA does not know the trip count).
+
+    Returns:
+      (fn, args) with `fn.lower(*args)` lowering the step.
+    """
+    model = Transformer(cfg)
+
+    def step(params, last_B1, pos_B1, cache, slot, kv_mask_BS, kv_positions_BS):
+        variables = {"params": params}
+        return model.apply(variables, last_B1, pos_B1, cache, slot, kv_mask_BS, kv_positions_BS, method="decode")
+
+    def arg(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    cache = [
+        {k: arg(x.shape, x.dtype) for k, x in layer.items()}
+        for layer in jax.eval_shape(lambda: init_cache(cfg, rows, cache_len))
+    ]
+    args = (
+        params,
+        arg((rows, 1), jnp.int32),
+        arg((rows, 1), jnp.int32),
+        cache,
+        arg((), jnp.int32),
+        arg((rows, cache_len), jnp.bool_),
+        arg((rows, cache_len), jnp.int32),
+    )
+    return jax.jit(step), args
+
+
 def _validate(prompt_ids, cfg: ModelConfig, max_new_tokens: int, truncate: bool) -> list[list[int]]:
     if prompt_ids is None or len(prompt_ids) == 0:
         raise ValueError("generate: prompt_ids is empty (expected a list of token-id lists)")
@@ -383,10 +472,8 @@ def generate(
         # Identical prompts (several samples per prompt) are prefilled once.
         distinct: dict[tuple[int, ...], int] = {}
         src = np.array([distinct.setdefault(tuple(ids), len(distinct)) for ids in rows], np.int32)
-        b = pad_batch_size(len(rows))
+        b, u, p = call_shapes(cfg, len(rows), len(distinct), max(map(len, rows)), max_new_tokens, min_bucket)
         src = np.concatenate([src, np.zeros(b - len(rows), np.int32)])  # filler rows copy row 0
-        u = pad_batch_size(len(distinct))
-        p = min(bucket_length(max(map(len, rows)), min_bucket), cfg.max_position_embeddings - max_new_tokens)
         tokens = np.full((u, p), pad, np.int32)
         mask = np.zeros((u, p), bool)
         for r, ids in enumerate(distinct):

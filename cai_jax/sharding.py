@@ -207,6 +207,17 @@ def param_shardings(model: nn.Module, sample_input, mesh: Any, rules: Rules = DE
     return shardings
 
 
+def abstract_params(model: nn.Module, sample_input, mesh: Any, rules: Rules = DEFAULT_RULES) -> Any:
+    """The unboxed params `sharded_init` would make, as ShapeDtypeStructs on their shardings.
+
+    Nothing is allocated: the shapes come from `jax.eval_shape` of `model.init`, so a planner can
+    lower a step for a model of any size (see experiments/plan.py).
+    """
+    shardings = param_shardings(model, sample_input, mesh, rules)
+    shapes = nn.meta.unbox(_abstract_boxed_params(model, sample_input))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
 def sharded_init(model: nn.Module, rng: jax.Array, sample_input, mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_RULES):
     """`model.init` jitted straight into its shardings: unboxed params, never materialised whole.
 

@@ -22,6 +22,7 @@ import ml_collections
 __all__ = [
     "ConfigError",
     "apply_overrides",
+    "parse_known_overrides",
     "config_hash",
     "load_config",
     "load_config_module",
@@ -58,6 +59,18 @@ def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise ConfigError(f"--config {spec!r}: get_config returned {type(cfg).__name__}, not a ConfigDict")
     return apply_overrides(cfg, [parse_override(o) for o in overrides])
+
+
+def parse_known_overrides(parser, argv=None) -> tuple[Any, list[str]]:
+    """`parser.parse_known_args(argv)` plus the `--config.a.b=v` overrides as "a.b=v" (for
+    `load_config`); any other unknown argument is the parser's usage error."""
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    for item in rest:
+        if not item.startswith("--config."):
+            parser.error(f"unrecognized argument {item!r} (overrides look like --config.sft.num_steps=10)")
+        overrides.append(item[len("--config.") :])
+    return args, overrides
 
 
 def parse_override(text: str) -> tuple[str, Any]:

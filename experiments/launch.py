@@ -22,7 +22,7 @@ if __name__ == "__main__":  # before anything heavy is imported: the process may
 
     reexec_with_malloc_tunables()
 
-from experiments.config_util import ConfigError, load_config
+from experiments.config_util import ConfigError, load_config, parse_known_overrides
 from experiments.pipeline import ORDER, StageError, WorkdirError, run_pipeline
 from experiments.quiet import setup_logging
 from experiments.wandb_log import wandb_run
@@ -47,13 +47,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
         action="store_true",
         help="compile every program afresh (default: JAX's persistent cache, see cai_jax/compile_cache.py)",
     )
-    args, rest = p.parse_known_args(argv)
-    overrides = []
-    for item in rest:
-        if not item.startswith("--config."):
-            p.error(f"unrecognized argument {item!r} (overrides look like --config.sft.num_steps=10)")
-        overrides.append(item[len("--config.") :])
-    return args, overrides
+    return parse_known_overrides(p, argv)
 
 
 def main(argv=None) -> int:

@@ -33,7 +33,7 @@ def stage_seed(ctx: StageContext, name: str | None = None) -> int:
 
 def load_base_model(ctx: StageContext, name: str | None = None):
     """The configured starting model (pretrained, or random weights of `model.random_config`)."""
-    from cai_jax.models import LoadedModel, ModelConfig, Transformer, init_params, load_pretrained, load_tokenizer
+    from cai_jax.models import LoadedModel, Transformer, init_params, load_pretrained, load_tokenizer
     from cai_jax.models.loading import resolve_model_path
 
     m = ctx.cfg.model
@@ -45,26 +45,33 @@ def load_base_model(ctx: StageContext, name: str | None = None):
         lm = load_pretrained(name, dtype=m.dtype, param_dtype=m.param_dtype)
     elif m.init == "random":
         tokenizer = load_tokenizer(resolve_model_path(name))
-        eos = tokenizer.eos_token_id
-        cfg = ModelConfig(
-            vocab_size=len(tokenizer),
-            rms_norm_eps=1e-5,
-            rope_theta=10000.0,
-            tie_word_embeddings=True,
-            model_type="llama",
-            bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos,
-            eos_token_id=eos,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
-            dtype=m.dtype,
-            param_dtype=m.param_dtype,
-            **m.random_config.to_dict(),
-        )
+        cfg = random_model_config(m, tokenizer)
         params = init_params(cfg, jax.random.key(int(ctx.cfg.seed)))
         lm = LoadedModel(Transformer(cfg), params, tokenizer, cfg, None)
     else:
         raise ValueError(f"config model.init={m.init!r}; expected pretrained or random")
     ctx.cache[key] = lm
     return lm
+
+
+def random_model_config(m, tokenizer):
+    """The `ModelConfig` of `model.init=random`: `model.random_config` with the tokenizer's vocabulary."""
+    from cai_jax.models import ModelConfig
+
+    eos = tokenizer.eos_token_id
+    return ModelConfig(
+        vocab_size=len(tokenizer),
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        model_type="llama",
+        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        **m.random_config.to_dict(),
+    )
 
 
 def load_exported(ctx: StageContext, folder: Path):

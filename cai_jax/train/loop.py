@@ -42,9 +42,9 @@ from cai_jax.checkpoints.train_state import Checkpointer
 from cai_jax.sharding import (
     DEFAULT_RULES,
     Rules,
+    abstract_params,
     global_batch,
     make_mesh,
-    param_shardings,
     process_shard,
     shard_params,
     sharded_init,
@@ -61,6 +61,7 @@ __all__ = [
     "EpochBatcher",
     "Batcher",
     "init_train_state",
+    "abstract_train_state",
     "run_steps",
 ]
 
@@ -313,19 +314,30 @@ def init_train_state(
     """
     if mesh is None:
         mesh = make_mesh(mesh_cfg) if mesh_cfg is not None else make_mesh()
-    p_shardings = param_shardings(module, sample_input, mesh, rules)
+    _, shardings, optimizer = abstract_train_state(module, sample_input, optim_cfg=optim_cfg, mesh=mesh, rules=rules)
     if params is None:
         params = sharded_init(module, jax.random.key(seed), sample_input, mesh, rules)
     else:
-        params = shard_params(params, p_shardings)
+        params = shard_params(params, shardings.params)
+    create = jax.jit(lambda p: TrainState.create(p, optimizer, jax.random.key(seed)), out_shardings=shardings)
+    return create(params), shardings, optimizer, mesh
+
+
+def abstract_train_state(
+    module: nn.Module, sample_input: Any, *, optim_cfg: OptimConfig, mesh: Any, rules: Rules = DEFAULT_RULES
+) -> tuple[TrainState, TrainState, Optimizer]:
+    """The state `init_train_state` builds, as ShapeDtypeStructs on their shardings (nothing allocated).
+
+    Returns:
+      (abstract state, its shardings, the optimizer): what a planner lowers a step with
+      (experiments/plan.py), and what `init_train_state` places the real state on.
+    """
+    params = abstract_params(module, sample_input, mesh, rules)
     optimizer = make_optimizer(optim_cfg, params)
-
-    def create(p):
-        return TrainState.create(p, optimizer, jax.random.key(seed))
-
-    shardings = state_shardings(jax.eval_shape(create, params), p_shardings, mesh)
-    state = jax.jit(create, out_shardings=shardings)(params)
-    return state, shardings, optimizer, mesh
+    state = jax.eval_shape(lambda p: TrainState.create(p, optimizer, jax.random.key(0)), params)
+    shardings = state_shardings(state, jax.tree.map(lambda x: x.sharding, params), mesh)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    return state, shardings, optimizer
 
 
 def run_steps(

@@ -220,6 +220,8 @@ def _build(policy_cfg, ref_cfg, value_cfg, cfg: PPOConfig, ocfg: OptimConfig, me
         with with_rules(mesh, rules):
             return forward(*args)
 
+    forward_in_mesh.jitted = forward  # for .lower() (experiments/plan.py), like jit_train_step's
+
     update = jit_train_step(
         functools.partial(ppo_update, optimizer=optimizer, **models),
         shardings,
