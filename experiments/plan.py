@@ -160,6 +160,9 @@ def render(plans, kind, usable: int, header: str) -> str:
 
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
+    from experiments.quiet import setup_logging
+
+    setup_logging("WARNING")  # the plan's own output is its tables; third-party notices stay hidden
 
     try:
         from cai_jax.planning import device_kind

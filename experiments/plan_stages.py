@@ -32,7 +32,7 @@ from cai_jax.sampling import abstract_decode_step, abstract_sample_call, call_sh
 from cai_jax.sharding import BATCH_AXES, DEFAULT_RULES, abstract_params, batch_sharding
 from cai_jax.text import bucket_length, pad_batch_size
 from cai_jax.train.loop import abstract_train_state, jit_train_step
-from cai_jax.train.state import OptimConfig
+from experiments.stages import stage_optim
 
 STAGES = ("revisions", "sft", "feedback", "pm", "ppo", "eval")
 _REQUEST_TOKENS = 64  # a request turn's bound, as cai.revisions checks dialogues
@@ -146,10 +146,10 @@ def loaded(ctx: PlanContext, module: nn.Module, name: str) -> tuple[Any, Held]:
     return params, Held(f"{name} (loaded on device 0)", params_bytes=bytes_per_device(params))
 
 
-def train_state(ctx: PlanContext, module: nn.Module, rows: int, seq_len: int, optim: Any, name: str):
-    """(abstract state, shardings, optimizer, Held) of a train state on the mesh."""
+def train_state(ctx: PlanContext, module: nn.Module, rows: int, seq_len: int, stage: str, name: str):
+    """(abstract state, shardings, optimizer, Held) of a train state on the mesh, with `stage`'s optimizer."""
     state, shardings, optimizer = abstract_train_state(
-        module, _tokens((rows, seq_len)), optim_cfg=OptimConfig.from_config(optim), mesh=ctx.mesh, rules=ctx.rules
+        module, _tokens((rows, seq_len)), optim_cfg=stage_optim(ctx.cfg, stage), mesh=ctx.mesh, rules=ctx.rules
     )
     held = Held(name, bytes_per_device(state.params), bytes_per_device(state.opt_state))
     return state, shardings, optimizer, held
@@ -216,7 +216,7 @@ def plan_sft(ctx: PlanContext) -> StagePlan:
     _, base = loaded(ctx, Transformer(ctx.base), "base model")
     module = Transformer(ctx.base)
     b, l = int(s.batch_size), int(s.seq_len)
-    state, shardings, opt, held = train_state(ctx, module, b, l, s.optim, "train state")
+    state, shardings, opt, held = train_state(ctx, module, b, l, "sft", "train state")
     names = ("tokens", "mask", "loss_mask") + (("segment_ids", "positions") if s.packing else ())
     batch = _batch({k: ((b, l), jnp.int32) for k in names}, batch_sharding(ctx.mesh))
     step = train_step(
@@ -258,10 +258,10 @@ def plan_pm(ctx: PlanContext) -> StagePlan:
     _, base = loaded(ctx, Transformer(ctx.base), "base model")
     module = ScalarModel(ctx.base)
     b, l = int(p.batch_size), int(p.seq_len)
-    state, shardings, opt, held = train_state(ctx, module, b, l, p.optim, "PM train state")
+    state, shardings, opt, held = train_state(ctx, module, b, l, "pm", "PM train state")
     held_all = [base, held]
     if p.pmp.enabled:  # stage_pm keeps the PMP result (its train state) while the PM trains
-        held_all.append(train_state(ctx, module, b, l, p.pmp.optim, "PMP train state (kept by stage_pm)")[3])
+        held_all.append(train_state(ctx, module, b, l, "pmp", "PMP train state (kept by stage_pm)")[3])
     shapes = {k: ((b, l), jnp.int32) for k in ("tokens_a", "mask_a", "tokens_b", "mask_b")}
     batch = _batch({**shapes, "p": ((b,), jnp.float32)}, batch_sharding(ctx.mesh))
     fn = functools.partial(pm_step, model=module, optimizer=opt, centering=float(p.centering))
@@ -271,7 +271,8 @@ def plan_pm(ctx: PlanContext) -> StagePlan:
 
 def plan_ppo(ctx: PlanContext) -> StagePlan:
     """Rollouts with the sharded policy, teacher-forced policy/reference/value passes, PM scores, updates."""
-    from cai_jax.train.ppo import PPOConfig, _build, _pm_scores
+    from cai_jax.train.pm_reward import _pm_scores
+    from cai_jax.train.ppo import PPOConfig, _build
 
     c = ctx.cfg.ppo
     cfg = PPOConfig.from_config({k: v for k, v in c.items() if k not in ("num_iterations", "optim")})
@@ -280,7 +281,7 @@ def plan_ppo(ctx: PlanContext) -> StagePlan:
     _, held_policy = loaded(ctx, Transformer(policy_cfg), "policy (sft/export)")
     _, held_pm = loaded(ctx, ScalarModel(pm_cfg), "PM (pm/export)")
     width, n, micro = bucket_length(ctx.prompt_tokens, 16), cfg.max_new_tokens, cfg.micro_batch_size
-    steps = _build(policy_cfg, policy_cfg, value_cfg, cfg, OptimConfig.from_config(c.optim), ctx.mesh, ctx.rules, width)
+    steps = _build(policy_cfg, policy_cfg, value_cfg, cfg, stage_optim(ctx.cfg, "ppo"), ctx.mesh, ctx.rules, width)
     sample = _tokens((micro, width + n))
     params = {
         "policy": abstract_params(Transformer(policy_cfg), sample, ctx.mesh, ctx.rules),
