@@ -101,10 +101,10 @@ def prepare(folder: Path) -> None:
 
 
 def accelerator_defaults() -> dict:
-    """What this backend gets of the CPU-only tricks: the custom-VJP bf16 matmuls of models/llama.py
+    """What this backend gets of the CPU-only tricks: the custom-VJP bf16 matmuls of nn/llama.py
     (on where `jax.default_backend()` is "cpu") and the glibc malloc tunables of cai_jax/runtime.py
     (set for processes the launcher re-executes; the launch of part tiny is one)."""
-    from cai_jax.models import llama
+    from cai_jax.nn import llama
     from cai_jax.runtime import wants_reexec
 
     return {
@@ -252,7 +252,7 @@ def check_tiny(model_folder: Path, overrides) -> dict:
         if r.returncode != 0:
             raise RuntimeError(f"launch exited with {r.returncode}:\n{(r.stdout + r.stderr)[-3000:]}")
         timings = json.loads((Path(workdir) / "timings.json").read_text())
-    from experiments.pipeline import ORDER
+    from experiments.run_folder import ORDER
 
     stages_s = {k: timings[k]["seconds"] for k in ORDER if k in timings}
     return {"stages_s": stages_s, "wall_s": wall, "overrides": list(overrides)}

@@ -60,7 +60,7 @@ def dots_report(text):
 
 def main():
     from cai_jax.models import load_pretrained
-    from cai_jax.models.llama import MLP, Block
+    from cai_jax.nn.llama import MLP, Block
 
     what = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("--") else "mlp"
     opts = [a.split("=", 1) for a in sys.argv[2:] if "=" in a]

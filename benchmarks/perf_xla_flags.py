@@ -46,7 +46,7 @@ def worker(args):
 
     sys.path.insert(0, str(ROOT))
     from cai_jax.models import ScalarModel, load_pretrained
-    from cai_jax.models.llama import MLP, Block
+    from cai_jax.nn.llama import MLP, Block
     from cai_jax.train.pm import scalar_model_params
     from cai_jax.train.state import OptimConfig, TrainState, make_optimizer
     from cai_jax.train.steps import pm_step, sft_step

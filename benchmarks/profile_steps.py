@@ -17,7 +17,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cai_jax.models import init_cache, load_pretrained  # noqa: E402
-from cai_jax.models.llama import MLP, Block  # noqa: E402
+from cai_jax.nn.llama import MLP, Block  # noqa: E402
 
 
 def _time(name, fn, *args, n=3, per=1, unit="ms"):

@@ -26,12 +26,17 @@ Unknown tunables are ignored by older glibc versions; other C libraries and syst
 Tunables already set in GLIBC_TUNABLES take precedence over these.
 
 GLIBC_TUNABLES is read once at process start, so `reexec_with_malloc_tunables` replaces the running
-process (`os.execve`, same pid and arguments) with one that has it set. The launcher and the
-benchmarks call it first; `run.py` sets it for the commands it starts (the demo and the tests).
+process (`os.execve`, same pid and arguments) with one that has it set. Every entry point calls it
+first (the launcher, the sweep runner, the plan and the benchmarks, through
+`experiments/entry.py` or directly); `run.py` sets it for the commands it starts (the demo and the
+tests). The tunables are for XLA's CPU runtime only: where JAX will run on an accelerator
+(`accelerator_expected`: JAX_PLATFORMS names one, or a CUDA / TPU plugin is installed) nothing is
+changed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import sys
@@ -75,11 +80,24 @@ def merged_tunables(current: str, mode: str = "fast") -> str:
     return ":".join(parts)
 
 
-def wants_reexec(environ=None) -> bool:
-    """Whether this process should be re-executed with the tunables (glibc Linux, not turned off,
-    not already done)."""
+_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")
+
+
+def accelerator_expected(environ=None) -> bool:
+    """Whether JAX will run on an accelerator here: JAX_PLATFORMS names a non-CPU platform, or (unset)
+    a GPU / TPU plugin is installed. Decided without importing jax (before the process re-executes)."""
     env = os.environ if environ is None else environ
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+    platforms = [p.strip().lower() for p in env.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if platforms:
+        return any(p != "cpu" for p in platforms)
+    return any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_PLUGINS)
+
+
+def wants_reexec(environ=None) -> bool:
+    """Whether this process should be re-executed with the tunables (glibc Linux, XLA on CPU, not
+    turned off, not already done). On an accelerator host they would only cost host memory."""
+    env = os.environ if environ is None else environ
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or accelerator_expected(env):
         return False
     mode = malloc_mode(env)
     if mode is None or env.get(_APPLIED) == "1":
@@ -91,7 +109,7 @@ def malloc_env(environ=None) -> dict[str, str]:
     """A copy of the environment with the tunables merged in (for launching a child process)."""
     env = dict(os.environ if environ is None else environ)
     mode = malloc_mode(env)
-    if mode is not None:
+    if mode is not None and not accelerator_expected(env):
         env["GLIBC_TUNABLES"] = merged_tunables(env.get("GLIBC_TUNABLES", ""), mode)
         env[_APPLIED] = "1"
     return env

@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cai_jax.models.config import ModelConfig
-from cai_jax.models.llama import Transformer, init_cache
+from cai_jax.nn.config import ModelConfig
+from cai_jax.nn.llama import Transformer, init_cache
 from cai_jax.text import bucket_length, eos_ids, pad_batch_size, pad_id, token_bytes
 
 STOP_NONE, STOP_EOS, STOP_STRING = 0, 1, 2  # values of SampleOutput.stop_reason (0: ran to max_new_tokens)

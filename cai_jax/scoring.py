@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cai_jax.models.config import ModelConfig
-from cai_jax.models.llama import Transformer
+from cai_jax.nn.config import ModelConfig
+from cai_jax.nn.llama import Transformer
 from cai_jax.text import bucket_length, pad_batch_size
 
 

@@ -1,20 +1,13 @@
-"""Loads a sibling config file by name (config files are run by path, not imported as a package)."""
+"""What the ablation configs share: the config a sweep starts from, named by the macro argument."""
 
-import importlib.util
-import os
+from configs import base, demo, tiny
 
-
-def load(name: str):
-    """The module configs/<name>.py."""
-    spec = importlib.util.spec_from_file_location(f"_cai_{name}", os.path.join(os.path.dirname(__file__), f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+STARTS = {"demo": demo, "base": base, "tiny": tiny}
 
 
 def start(arg):
-    """The config an ablation starts from: `demo` (default) or `base`, named by the macro argument."""
+    """The config an ablation starts from: `demo` (default), `base` or `tiny`, named after the colon."""
     name = arg or "demo"
-    if name not in ("demo", "base", "tiny"):
-        raise ValueError(f"ablation configs start from demo, base or tiny; got {name!r}")
-    return load(name).get_config()
+    if name not in STARTS:
+        raise ValueError(f"ablation configs start from {', '.join(STARTS)}; got {name!r}")
+    return STARTS[name].get_config()

@@ -9,12 +9,7 @@ These runs train no preference model of their own: give them one to score with, 
 `--config.eval.scorer_pm=runs/demo/pm/export`.
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("_cai_common", os.path.join(os.path.dirname(__file__), "_common.py"))
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
+from configs import _common
 
 SWEEP_STAGES = "revisions,eval,report"
 SWEEP_FIGURE = "critique"

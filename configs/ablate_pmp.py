@@ -7,12 +7,7 @@ Starts from configs/demo.py (or base.py / tiny.py, named after the colon). The r
 stage their configs have in common; `sweep_report.md` in the root holds the cross-run figure.
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("_cai_common", os.path.join(os.path.dirname(__file__), "_common.py"))
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
+from configs import _common
 
 SWEEP_STAGES = "revisions,sft,feedback,pm,eval,report"
 SWEEP_FIGURE = "pmp"

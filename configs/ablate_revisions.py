@@ -9,19 +9,17 @@ These runs train no preference model of their own: give them one to score with, 
 `--config.eval.scorer_pm=runs/demo/pm/export`.
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("_cai_common", os.path.join(os.path.dirname(__file__), "_common.py"))
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
+from configs import _common
 
 SWEEP_STAGES = "revisions,sft,eval,report"
 SWEEP_FIGURE = "revisions"
 
 
 def get_config(arg=None):
-    return _common.start(arg)
+    c = _common.start(arg)
+    if arg == "tiny":  # four rounds of critique and revision need more than tiny's 512-token context
+        c.model.random_config.max_position_embeddings = 1024
+    return c
 
 
 def sweep(arg=None):

@@ -5,7 +5,7 @@ r"""Every knob of a Constitutional AI run, with its default and unit. Other conf
 The base is a full pipeline on the embedded SmolLM2-135M-Instruct with paper-like settings but
 modest sizes; `demo.py` shrinks it to fit 30 minutes on 2 CPU cores, `tiny.py` to a random model
 for tests, `llama8b_gpu8.py` grows it to a mesh. Stage order: revisions -> sft -> feedback -> pm
--> ppo -> eval -> report (DESIGN.md). Override any field with `--config.<a>.<b>=<value>`.
+-> ppo -> eval -> report (docs/design.md). Override any field with `--config.<a>.<b>=<value>`.
 """
 
 import ml_collections
@@ -115,12 +115,12 @@ def get_config(arg=None):
         cot_clamp="none",  # cot only: none | 20-80 | 40-60 (clamp of the answer probability)
         cot_samples=1,  # cot only: reasoning samples averaged
         cot_max_new_tokens=96,  # cot only: reasoning length
-        num_principles=1,  # feedback principles ensembled per comparison
-        principle_limit=0,  # sample from the first k feedback principles; 0 = all
+        ensemble=1,  # feedback principles per comparison (distinct ones), their probabilities averaged
+        num_principles=0,  # sample from the first k feedback principles; 0 = all (as revisions.num_principles)
         swap=True,  # also score with A/B swapped and average (cancels position bias)
         swap_average="logit",  # logit (cancels a constant position bias exactly) | prob
         num_few_shots=0,  # constitution MC few-shots prepended
-        rendering="raw",  # raw ("\n\nHuman:" transcript, base models) | chat: how the feedback model sees the question
+        rendering="transcript",  # transcript ("\n\nHuman:" framing, base models) | chat: how the judge sees the question
         temperature=1.0,  # policy sampling temperature for the two responses (paper: 1)
         top_p=1.0,
         max_new_tokens=96,  # per sampled response

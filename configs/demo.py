@@ -8,12 +8,7 @@ trained for tens of steps shows the machinery and the direction of the effects, 
 magnitudes.
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("_cai_base", os.path.join(os.path.dirname(__file__), "base.py"))
-base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(base)
+from configs import base
 
 
 def get_config(arg=None):

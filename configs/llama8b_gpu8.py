@@ -12,12 +12,7 @@ up (the launcher's --coordinator/--num-processes/--process-id or the cluster's e
 raise `mesh.data`; the PPO stage currently runs in one process (one host, all its devices).
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("_cai_base", os.path.join(os.path.dirname(__file__), "base.py"))
-base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(base)
+from configs import base
 
 
 def get_config(arg=None):
@@ -30,7 +25,7 @@ def get_config(arg=None):
     c.prompts.update(num_red_team=0, num_helpful=0, eval_fraction=0.1)  # every shipped (or given) prompt
     c.revisions.update(num_revisions=4, batch_size=64, max_new_tokens=256, helpful_max_new_tokens=256)
     c.sft.update(num_steps=2000, batch_size=64, seq_len=1024, packing=True, optim=base.optim(1e-5, warmup=100))
-    c.feedback.update(batch_size=64, max_new_tokens=256, num_principles=4, swap=True)
+    c.feedback.update(batch_size=64, max_new_tokens=256, ensemble=4, swap=True)
     c.pm.pmp.update(num_steps=2000, optim=base.optim(1e-5, warmup=100))
     c.pm.update(num_steps=2000, batch_size=64, seq_len=1024, optim=base.optim(5e-6, warmup=100))
     c.ppo.update(

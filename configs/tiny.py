@@ -6,12 +6,7 @@ Weights are random (seeded); only the tokenizer comes from the embedded SmolLM2 
 texts are noise: this config checks the machinery (every stage, resume, report), not the method.
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("_cai_base", os.path.join(os.path.dirname(__file__), "base.py"))
-base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(base)
+from configs import base
 
 
 def get_config(arg=None):

@@ -9,30 +9,25 @@ a value is cast to the field's type, so a typo or a wrong type is an error namin
 from __future__ import annotations
 
 import ast
-import hashlib
 import importlib.util
 import json
-import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 
+from experiments.typed import ConfigError, plain
+
 __all__ = [
     "ConfigError",
     "apply_overrides",
     "parse_known_overrides",
-    "config_hash",
     "load_config",
     "load_config_module",
     "parse_override",
     "select",
 ]
-
-
-class ConfigError(ValueError):
-    """A config file, override or sweep entry that cannot be used; the message names it."""
 
 
 def load_config_module(spec: str):
@@ -130,27 +125,6 @@ def apply_overrides(cfg: ml_collections.ConfigDict, items: Iterable[tuple[str, A
     return cfg
 
 
-def _plain(x: Any) -> Any:
-    if isinstance(x, ml_collections.ConfigDict):
-        x = x.to_dict()
-    if isinstance(x, Mapping):
-        return {str(k): _plain(v) for k, v in sorted(x.items())}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, os.PathLike):
-        return os.fspath(x)
-    return x
-
-
 def to_json(cfg: Any) -> str:
-    """Canonical JSON of a config or a part of it (sorted keys), the input of `config_hash`."""
-    return json.dumps(_plain(cfg), sort_keys=True, indent=1)
-
-
-def config_hash(*parts: Any) -> str:
-    """A 16-hex-digit sha256 of the canonical JSON of `parts`."""
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(to_json(part).encode())
-        digest.update(b"\x00")
-    return digest.hexdigest()[:16]
+    """Canonical JSON of a config or a part of it (sorted keys): what `config.json` holds."""
+    return json.dumps(plain(cfg), sort_keys=True, indent=1)

@@ -1,13 +1,15 @@
-"""The stage graph of DESIGN.md and the run folder: which stages to run, which to skip, resume.
+"""The stage graph and the run folder: which stages to run, which to skip, resume.
 
-    revisions -> sft -> feedback -> pm -> ppo -> eval -> report
+    revisions -> sft -> feedback -> pm -> ppo -> eval -> report     (experiments/stages/)
 
-Each stage writes only into `<workdir>/<stage>/`. Its identity is a hash of the config sections
-it reads plus the hashes of the stages it reads from (`Stage.keys`, `Stage.deps`); mesh,
-checkpoint cadence and logging are left out, so a run can resume on a different mesh. A stage is
-skipped when `<stage>/DONE` holds its current hash. A stage folder started under another hash (a
-changed config under --overwrite) is cleared before the stage runs again; one started under the
-same hash is resumed by the stage's own engine (revision and feedback shards, orbax checkpoints).
+The pipeline runs a registry of `Stage`s and imports no stage itself. A stage's identity is the
+hash of the frozen config object it receives (`Stage.Config.build(cfg)`: exactly the config fields
+it reads, cast and checked, with derived fields) and of the hashes of the stages it reads from.
+Where and how it runs (mesh, checkpoint cadence, logging) are not in any stage's config, so a run
+can resume on a different mesh. A stage is skipped when `<stage>/DONE` holds its current hash. A
+stage folder started under another hash (a changed config under --overwrite) is cleared before the
+stage runs again; one started under the same hash is resumed by the stage's own engine (revision
+and feedback shards, orbax checkpoints).
 
 A workdir remembers its config in `config.json`. Launching a different config on it is refused
 unless `overwrite=True` (rerun the stages whose hash changed, keep the others) or `fork=<new
@@ -29,14 +31,13 @@ from typing import Any
 
 import ml_collections
 
-from experiments.config_util import config_hash, to_json
+from experiments.config_util import to_json
+from experiments.context import RunSettings, StageContext
+from experiments.typed import hash_of
 
-__all__ = ["STAGES", "Stage", "StageError", "WorkdirError", "resolve_stages", "run_pipeline", "stage_hashes"]
+__all__ = ["Stage", "StageError", "WorkdirError", "resolve_stages", "run_pipeline", "stage_configs", "stage_hashes"]
 
 log = logging.getLogger(__name__)
-
-# Config sections that never change a stage's result (where and how it runs, not what it computes).
-UNHASHED = ("mesh", "checkpoint", "log")
 
 
 class StageError(ValueError):
@@ -51,61 +52,58 @@ class WorkdirError(RuntimeError):
 class Stage:
     name: str
     deps: tuple[str, ...]  # stages whose artifacts this one needs
-    keys: tuple[str, ...]  # top-level config sections it reads ("*" = all hashed sections)
+    Config: type  # frozen dataclass with `build(cfg)`: what the stage reads
+    run: Callable[[StageContext, Any], dict]  # run(ctx, config) -> JSON summary
     optional: tuple[str, ...] = ()  # stages it reads when they ran (selected or finished), else skips
 
 
-STAGES: dict[str, Stage] = {
-    s.name: s
-    for s in (
-        Stage("revisions", (), ("seed", "model", "constitution", "prompts", "revisions")),
-        Stage("sft", ("revisions",), ("seed", "model", "sft")),
-        Stage("feedback", ("sft",), ("seed", "model", "feedback_model", "constitution", "prompts", "feedback")),
-        Stage("pm", ("feedback",), ("seed", "model", "pm")),
-        Stage("ppo", ("sft", "pm"), ("seed", "prompts", "ppo")),
-        # eval and report use whatever ran: a sweep over revision settings can run
-        # revisions,eval,report with eval.scorer_pm pointing at another run's preference model.
-        Stage("eval", ("revisions",), ("seed", "eval"), optional=("sft", "feedback", "pm", "ppo")),
-        Stage("report", ("eval",), ("*",), optional=("revisions", "sft", "feedback", "pm", "ppo")),
-    )
-}
-ORDER = tuple(STAGES)
+def _order(registry: Sequence[Stage]) -> tuple[str, ...]:
+    return tuple(s.name for s in registry)
 
 
-def stage_hashes(cfg: ml_collections.ConfigDict, present: Callable[[str, str], bool] | None = None) -> dict[str, str]:
-    """Each stage's hash: its config sections and the hashes of the stages it reads.
+def _by_name(registry: Sequence[Stage]) -> dict[str, Stage]:
+    return {s.name: s for s in registry}
+
+
+def stage_configs(cfg: ml_collections.ConfigDict, registry: Sequence[Stage]) -> dict[str, Any]:
+    """Every stage's config object, built (cast and checked) from `cfg`: a bad field fails here."""
+    return {s.name: s.Config.build(cfg) for s in registry}
+
+
+def stage_hashes(
+    cfg: ml_collections.ConfigDict,
+    registry: Sequence[Stage],
+    present: Callable[[str, str], bool] | None = None,
+    configs: dict[str, Any] | None = None,
+) -> dict[str, str]:
+    """Each stage's hash: its config object and the hashes of the stages it reads.
 
     `present(stage, hash)` says whether an optional dependency will be there (selected, or finished
     in the workdir); None counts every optional dependency as present (a full run).
     """
-    hashed = {k: v for k, v in cfg.to_dict().items() if k not in UNHASHED}
+    configs = configs or stage_configs(cfg, registry)
     out: dict[str, str] = {}
-    for name in ORDER:
-        stage = STAGES[name]
-        keys = sorted(hashed) if stage.keys == ("*",) else stage.keys
-        missing = [k for k in keys if k not in hashed]
-        if missing:
-            raise StageError(f"stage {name!r} reads config section(s) {missing}, which the config lacks")
+    for stage in registry:
         deps = list(stage.deps) + [d for d in stage.optional if present is None or present(d, out[d])]
-        out[name] = config_hash(name, {k: hashed[k] for k in keys}, {d: out[d] for d in sorted(deps)})
+        out[stage.name] = hash_of(stage.name, configs[stage.name], {d: out[d] for d in sorted(deps)})
     return out
 
 
-def used_deps(name: str, hashes: dict[str, str], present: Callable[[str, str], bool]) -> list[str]:
-    """The stages `name` reads in this launch: its required ones and the optional ones present."""
-    stage = STAGES[name]
+def used_deps(stage: Stage, hashes: dict[str, str], present: Callable[[str, str], bool]) -> list[str]:
+    """The stages `stage` reads in this launch: its required ones and the optional ones present."""
     return list(stage.deps) + [d for d in stage.optional if present(d, hashes[d])]
 
 
-def resolve_stages(requested: str | Sequence[str] | None) -> list[str]:
+def resolve_stages(requested: str | Sequence[str] | None, registry: Sequence[Stage]) -> list[str]:
     """'revisions,sft' / a list / None (all) -> stage names in graph order; unknown names are errors."""
+    order = _order(registry)
     if requested is None or requested == "" or requested == "all":
-        return list(ORDER)
+        return list(order)
     names = [s.strip() for s in requested.split(",")] if isinstance(requested, str) else list(requested)
-    unknown = [s for s in names if s not in STAGES]
+    unknown = [s for s in names if s not in order]
     if unknown or not names:
-        raise StageError(f"unknown stage name(s) {unknown or names}; stages are: {', '.join(ORDER)}")
-    return [s for s in ORDER if s in names]
+        raise StageError(f"unknown stage name(s) {unknown or names}; stages are: {', '.join(order)}")
+    return [s for s in order if s in names]
 
 
 def read_marker(folder: Path, name: str) -> dict | None:
@@ -140,7 +138,9 @@ def _changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def prepare_workdir(cfg, workdir: Path, *, overwrite: bool = False, fork: str | os.PathLike | None = None) -> Path:
+def prepare_workdir(
+    cfg, workdir: Path, registry: Sequence[Stage], *, overwrite: bool = False, fork: str | os.PathLike | None = None
+) -> Path:
     """Checks `workdir` against `cfg` (see module doc); returns the workdir to run in."""
     new = json.loads(to_json(cfg))
     old_file = workdir / "config.json"
@@ -160,23 +160,23 @@ def prepare_workdir(cfg, workdir: Path, *, overwrite: bool = False, fork: str | 
             raise WorkdirError(f"--fork {target}: the fork must be a different folder than {workdir}")
         if (target / "config.json").is_file() and json.loads((target / "config.json").read_text()) != new:
             raise WorkdirError(f"--fork {target} already holds a run of another config")
-        link_finished(workdir, target, cfg)
+        link_finished(workdir, target, cfg, registry)
         workdir = target
     workdir.mkdir(parents=True, exist_ok=True)
     _write_json(workdir / "config.json", new)
     return workdir
 
 
-def link_finished(source: Path, target: Path, cfg) -> list[str]:
+def link_finished(source: Path, target: Path, cfg, registry: Sequence[Stage]) -> list[str]:
     """Links each stage `target` would compute under `cfg` that `source` finished with the same hash.
 
     Returns the linked stage names. Stages `target` already has are left alone.
     """
     source, target = Path(source), Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    hashes = stage_hashes(cfg, lambda stage, h: is_done(source, stage, h))
+    hashes = stage_hashes(cfg, registry, lambda stage, h: is_done(source, stage, h))
     linked = []
-    for name in ORDER:
+    for name in _order(registry):
         if (target / name).exists() or (target / name).is_symlink() or not is_done(source, name, hashes[name]):
             continue
         os.symlink((source / name).resolve(), target / name, target_is_directory=True)
@@ -185,63 +185,41 @@ def link_finished(source: Path, target: Path, cfg) -> list[str]:
     return linked
 
 
-@dataclasses.dataclass
-class StageContext:
-    """What a stage function gets: the config, its folder, and the folders of the stages it reads."""
-
-    cfg: ml_collections.ConfigDict
-    workdir: Path
-    name: str
-    hashes: dict[str, str]
-    cache: dict  # shared across stages of one launch (loaded models)
-    deps: list[str] = dataclasses.field(default_factory=list)  # stages read in this launch
-
-    def has(self, name: str) -> bool:
-        """Whether stage `name`'s artifacts are part of this launch (optional dependencies)."""
-        return name in self.deps
-
-    @property
-    def dir(self) -> Path:
-        return self.workdir / self.name
-
-    def dep(self, name: str) -> Path:
-        return self.workdir / name
-
-
 def run_pipeline(
     cfg: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
     *,
+    registry: Sequence[Stage],
     stages: str | Sequence[str] | None = None,
     overwrite: bool = False,
     fork: str | os.PathLike | None = None,
     reuse_from: Sequence[str | os.PathLike] = (),
-    stage_fns: dict[str, Callable[[StageContext], dict]] | None = None,
 ) -> dict[str, dict]:
-    """Runs the requested stages of the graph in order; returns {stage: DONE record}.
+    """Runs the requested stages of `registry` in order; returns {stage: DONE record}.
 
     `reuse_from`: other workdirs whose finished stages with the same hash are linked, not rerun.
 
-    A requested stage whose dependency is neither finished (with the current hash) nor requested
-    is an error naming both. Only process 0 writes markers (multi-host runs share the workdir).
+    Every stage's config is built before the first stage runs (a bad field fails in seconds, not
+    after earlier stages have run). A requested stage whose dependency is neither finished (with
+    the current hash) nor requested is an error naming both. Only process 0 writes markers
+    (multi-host runs share the workdir).
     """
     import jax
 
-    if stage_fns is None:
-        from experiments.stages import _stage_fns
-
-        stage_fns = _stage_fns()
-    selected = resolve_stages(stages)
-    workdir = prepare_workdir(cfg, Path(workdir), overwrite=overwrite, fork=fork)
+    by_name = _by_name(registry)
+    selected = resolve_stages(stages, registry)
+    configs = stage_configs(cfg, registry)
+    settings = RunSettings.from_config(cfg)
+    workdir = prepare_workdir(cfg, Path(workdir), registry, overwrite=overwrite, fork=fork)
     for source in reuse_from:
-        link_finished(Path(source), workdir, cfg)
+        link_finished(Path(source), workdir, cfg, registry)
 
     def present(stage: str, h: str) -> bool:
         return stage in selected or is_done(workdir, stage, h)
 
-    hashes = stage_hashes(cfg, present)
+    hashes = stage_hashes(cfg, registry, present, configs)
     for name in selected:
-        for dep in STAGES[name].deps:
+        for dep in by_name[name].deps:
             if dep not in selected and not is_done(workdir, dep, hashes[dep]):
                 raise StageError(
                     f"stage {name!r} reads stage {dep!r}, which is not finished for this config in {workdir}; "
@@ -274,9 +252,10 @@ def run_pipeline(
             _write_json(folder / "STARTED", {"hash": h, "time": time.time()})
         print(f"[launch] stage {name} ({'resuming' if resumed else 'starting'}; hash {h})", flush=True)
         t0 = time.perf_counter()
-        ctx = StageContext(cfg, workdir, name, hashes, cache, used_deps(name, hashes, present))
+        stage = by_name[name]
+        ctx = StageContext(workdir, name, settings, cache, used_deps(stage, hashes, present))
         try:
-            summary = stage_fns[name](ctx) or {}
+            summary = stage.run(ctx, configs[name]) or {}
         finally:
             # Models loaded by one stage are not kept for the next: on a 24 GB laptop, PPO's four
             # models and optimizer state need the memory more than a reload (seconds) needs time.
@@ -288,13 +267,16 @@ def run_pipeline(
         if primary:
             _write_json(folder / "DONE", record)
             _write_json(timings_file, timings)
-            if cfg.log.tensorboard and (folder / "metrics.jsonl").is_file():
+            if settings.log.tensorboard and (folder / "metrics.jsonl").is_file():
                 from experiments.tensorboard import export_metrics
 
                 export_metrics(folder / "metrics.jsonl", workdir / "tensorboard" / name)
-            if not cfg.checkpoint.keep_after_done and (folder / "checkpoints").is_dir():
-                # Only needed to resume this stage; its exported artifacts are what later stages read.
-                shutil.rmtree(folder / "checkpoints")
+            if not settings.checkpoint.keep_after_done:
+                # Only needed to resume this stage (and its parts, e.g. pm/pmp); its exported
+                # artifacts are what later stages read.
+                for sub in sorted(folder.rglob("checkpoints"), reverse=True):
+                    if sub.is_dir():
+                        shutil.rmtree(sub)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

@@ -81,19 +81,17 @@ def _init_devices(n: int, target: str | None):
     return devices, {"cuda": "gpu"}.get(platform, platform)
 
 
-def model_configs(cfg):
+def model_configs(configs: dict):
     """(base, feedback) ModelConfigs as the stages build them, from the shape alone where it can."""
     from cai_jax.models import ModelConfig
     from cai_jax.models.loading import load_tokenizer, resolve_model_path
-    from experiments.stages import random_model_config
+    from experiments.context import random_model_config
 
-    m = cfg.model
+    m, judge = configs["feedback"].model, configs["feedback"].feedback_model.name
 
     def one(name: str) -> ModelConfig:
         if m.init == "random":
             return random_model_config(m, load_tokenizer(resolve_model_path(name)))
-        if m.init != "pretrained":
-            raise ValueError(f"config model.init={m.init!r}; expected pretrained or random")
         try:  # a folder with only config.json is enough; presets and GGUF files are converted once
             folder = resolve_model_path(name)
         except (FileNotFoundError, ValueError) as e:
@@ -101,7 +99,9 @@ def model_configs(cfg):
         return ModelConfig.from_hf_file(folder / "config.json", dtype=m.dtype, param_dtype=m.param_dtype)
 
     base = one(m.name)
-    return base, one(cfg.feedback_model.name) if cfg.feedback_model.name else base
+    if judge.startswith("python:"):  # a Python judge holds no model
+        return base, base
+    return base, one(judge) if judge else base
 
 
 def _size(n: float) -> str:
@@ -176,9 +176,12 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, overrides)
         devices, platform = _init_devices(args.devices, args.target)
         from cai_jax.sharding import make_mesh
+        from experiments.pipeline import stage_configs
+        from experiments.stages import REGISTRY
 
+        configs = stage_configs(cfg, REGISTRY)
         mesh = make_mesh(cfg.mesh, devices=devices)
-        base, feedback = model_configs(cfg)
+        base, feedback = model_configs(configs)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -187,7 +190,7 @@ def main(argv=None) -> int:
     from experiments.plan_stages import PLANNERS, PlanContext
 
     platform = platform or kind.platform  # trace the program the device kind would run
-    ctx = PlanContext(cfg, mesh, base, feedback, int(args.prompt_tokens))
+    ctx = PlanContext(configs, mesh, base, feedback, int(args.prompt_tokens))
     usable = kind.usable_bytes(args.memory_fraction)
     t0 = time.perf_counter()
     plans = []

@@ -16,13 +16,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import types
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
@@ -32,7 +30,6 @@ from cai_jax.sampling import abstract_decode_step, abstract_sample_call, call_sh
 from cai_jax.sharding import BATCH_AXES, DEFAULT_RULES, abstract_params, batch_sharding
 from cai_jax.text import bucket_length, pad_batch_size
 from cai_jax.train.loop import abstract_train_state, jit_train_step
-from experiments.stages import stage_optim
 
 STAGES = ("revisions", "sft", "feedback", "pm", "ppo", "eval")
 _REQUEST_TOKENS = 64  # a request turn's bound, as cai.revisions checks dialogues
@@ -105,9 +102,9 @@ class StagePlan:
 
 @dataclasses.dataclass(frozen=True)
 class PlanContext:
-    """What every stage planner reads: the resolved config, the mesh and the model shapes."""
+    """What every stage planner reads: each stage's config object, the mesh and the model shapes."""
 
-    cfg: ml_collections.ConfigDict
+    configs: dict  # {stage: its Config object, as the stage receives it (experiments/stages/)}
     mesh: jax.sharding.Mesh
     base: ModelConfig  # model.name as the stages build it (run dtypes)
     feedback: ModelConfig  # feedback_model.name, or the base
@@ -128,11 +125,6 @@ class PlanContext:
         """The PM as `load_pm` reads it: its config.json without the run's dtypes (fp32 throughout)."""
         return self.base.replace(dtype="float32", param_dtype="float32", activation_dtype="float32")
 
-    @property
-    def stage_ctx(self):
-        """Stand-in for a StageContext where a stages.py helper reads only `ctx.cfg`."""
-        return types.SimpleNamespace(cfg=self.cfg)
-
 
 def _tokens(shape) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, jnp.int32)
@@ -146,10 +138,10 @@ def loaded(ctx: PlanContext, module: nn.Module, name: str) -> tuple[Any, Held]:
     return params, Held(f"{name} (loaded on device 0)", params_bytes=bytes_per_device(params))
 
 
-def train_state(ctx: PlanContext, module: nn.Module, rows: int, seq_len: int, stage: str, name: str):
-    """(abstract state, shardings, optimizer, Held) of a train state on the mesh, with `stage`'s optimizer."""
+def train_state(ctx: PlanContext, module: nn.Module, rows: int, seq_len: int, optim: Any, name: str):
+    """(abstract state, shardings, optimizer, Held) of a train state on the mesh, with optimizer config `optim`."""
     state, shardings, optimizer = abstract_train_state(
-        module, _tokens((rows, seq_len)), optim_cfg=stage_optim(ctx.cfg, stage), mesh=ctx.mesh, rules=ctx.rules
+        module, _tokens((rows, seq_len)), optim_cfg=optim, mesh=ctx.mesh, rules=ctx.rules
     )
     held = Held(name, bytes_per_device(state.params), bytes_per_device(state.opt_state))
     return state, shardings, optimizer, held
@@ -199,24 +191,24 @@ def train_step(ctx, name, step_fn, state, shardings, batch: dict) -> Step:
 
 def plan_revisions(ctx: PlanContext) -> StagePlan:
     """The helpful model answers, critiques and revises; the last revision's prompt is the longest."""
-    r = ctx.cfg.revisions
+    r = ctx.configs["revisions"].revisions
     params, held = loaded(ctx, Transformer(ctx.base), "base model")
-    turns = 1 + int(r.num_revisions) * (2 if r.mode == "critique" else 1)
-    longest = ctx.prompt_tokens + (turns - 1) * (int(r.max_new_tokens) + _REQUEST_TOKENS)
-    b = int(r.batch_size)
+    turns = 1 + r.num_revisions * (2 if r.mode == "critique" else 1)
+    longest = ctx.prompt_tokens + (turns - 1) * (r.max_new_tokens + _REQUEST_TOKENS)
+    b = r.batch_size
     step = sampler(ctx, "sampler (last round)", ctx.base, params, rows=b, distinct=b, longest=longest,
-                   new_tokens=int(r.max_new_tokens), sharding=ctx.first_device)  # fmt: skip
+                   new_tokens=r.max_new_tokens, sharding=ctx.first_device)  # fmt: skip
     return StagePlan("revisions", (held,), (step,), "one sampler call (the last round's prompts)")
 
 
 def plan_sft(ctx: PlanContext) -> StagePlan:
     from cai_jax.train.steps import sft_step
 
-    s = ctx.cfg.sft
+    s = ctx.configs["sft"].sft
     _, base = loaded(ctx, Transformer(ctx.base), "base model")
     module = Transformer(ctx.base)
-    b, l = int(s.batch_size), int(s.seq_len)
-    state, shardings, opt, held = train_state(ctx, module, b, l, "sft", "train state")
+    b, l = s.batch_size, s.seq_len
+    state, shardings, opt, held = train_state(ctx, module, b, l, s.optimizer(), "train state")
     names = ("tokens", "mask", "loss_mask") + (("segment_ids", "positions") if s.packing else ())
     batch = _batch({k: ((b, l), jnp.int32) for k in names}, batch_sharding(ctx.mesh))
     step = train_step(
@@ -232,16 +224,14 @@ def _question_tokens(ctx: PlanContext, responses_new_tokens: int, settings) -> i
 
 def plan_feedback(ctx: PlanContext) -> StagePlan:
     """The SL-CAI policy samples two responses per prompt; the feedback model scores the options."""
-    from experiments.stages import feedback_settings
-
-    f, settings = ctx.cfg.feedback, feedback_settings(ctx.stage_ctx)
+    f, settings = ctx.configs["feedback"].feedback, ctx.configs["feedback"].settings()
     policy, held_policy = loaded(ctx, Transformer(ctx.base), "policy (sft/export)")
     judge, held_judge = loaded(ctx, Transformer(ctx.feedback), "feedback model")
-    b = int(f.batch_size)
+    b = f.batch_size
     steps = [sampler(ctx, "sampler (two responses per prompt)", ctx.base, policy, rows=2 * b, distinct=b,
-                     longest=ctx.prompt_tokens, new_tokens=int(f.max_new_tokens), sharding=ctx.first_device)]  # fmt: skip
+                     longest=ctx.prompt_tokens, new_tokens=f.max_new_tokens, sharding=ctx.first_device)]  # fmt: skip
     questions = b * settings.ensemble * (2 if settings.swap else 1) * settings.cot_samples
-    question = _question_tokens(ctx, int(f.max_new_tokens), settings)
+    question = _question_tokens(ctx, f.max_new_tokens, settings)
     if settings.cot:
         steps.append(sampler(ctx, "sampler (reasoning)", ctx.feedback, judge, rows=questions, distinct=questions,
                              longest=question, new_tokens=settings.cot_max_new_tokens, sharding=ctx.first_device))  # fmt: skip
@@ -254,17 +244,17 @@ def plan_pm(ctx: PlanContext) -> StagePlan:
     """PMP then the PM fine-tune: the same step shapes; the PMP train state stays alive meanwhile."""
     from cai_jax.train.steps import pm_step
 
-    p = ctx.cfg.pm
+    p = ctx.configs["pm"].pm
     _, base = loaded(ctx, Transformer(ctx.base), "base model")
     module = ScalarModel(ctx.base)
-    b, l = int(p.batch_size), int(p.seq_len)
-    state, shardings, opt, held = train_state(ctx, module, b, l, "pm", "PM train state")
+    b, l = p.batch_size, p.seq_len
+    state, shardings, opt, held = train_state(ctx, module, b, l, p.optimizer(), "PM train state")
     held_all = [base, held]
     if p.pmp.enabled:  # stage_pm keeps the PMP result (its train state) while the PM trains
-        held_all.append(train_state(ctx, module, b, l, "pmp", "PMP train state (kept by stage_pm)")[3])
+        held_all.append(train_state(ctx, module, b, l, p.pmp.optimizer(), "PMP train state (kept by the pm stage)")[3])
     shapes = {k: ((b, l), jnp.int32) for k in ("tokens_a", "mask_a", "tokens_b", "mask_b")}
     batch = _batch({**shapes, "p": ((b,), jnp.float32)}, batch_sharding(ctx.mesh))
-    fn = functools.partial(pm_step, model=module, optimizer=opt, centering=float(p.centering))
+    fn = functools.partial(pm_step, model=module, optimizer=opt, centering=p.centering)
     step = train_step(ctx, "pm step", fn, state, shardings, batch)
     return StagePlan("pm", tuple(held_all), (step,), "one optimizer step (PMP and PM alike)")
 
@@ -272,16 +262,16 @@ def plan_pm(ctx: PlanContext) -> StagePlan:
 def plan_ppo(ctx: PlanContext) -> StagePlan:
     """Rollouts with the sharded policy, teacher-forced policy/reference/value passes, PM scores, updates."""
     from cai_jax.train.pm_reward import _pm_scores
-    from cai_jax.train.ppo import PPOConfig, _build
+    from cai_jax.train.ppo import _build
 
-    c = ctx.cfg.ppo
-    cfg = PPOConfig.from_config({k: v for k, v in c.items() if k not in ("num_iterations", "optim")})
+    c = ctx.configs["ppo"].ppo
+    cfg = c.settings
     policy_cfg, pm_cfg = ctx.base, ctx.pm
     value_cfg = pm_cfg if cfg.value_init == "pm" else policy_cfg
     _, held_policy = loaded(ctx, Transformer(policy_cfg), "policy (sft/export)")
     _, held_pm = loaded(ctx, ScalarModel(pm_cfg), "PM (pm/export)")
     width, n, micro = bucket_length(ctx.prompt_tokens, 16), cfg.max_new_tokens, cfg.micro_batch_size
-    steps = _build(policy_cfg, policy_cfg, value_cfg, cfg, stage_optim(ctx.cfg, "ppo"), ctx.mesh, ctx.rules, width)
+    steps = _build(policy_cfg, policy_cfg, value_cfg, cfg, c.optimizer(), ctx.mesh, ctx.rules, width)
     sample = _tokens((micro, width + n))
     params = {
         "policy": abstract_params(Transformer(policy_cfg), sample, ctx.mesh, ctx.rules),
@@ -373,23 +363,24 @@ def plan_ppo(ctx: PlanContext) -> StagePlan:
 def plan_eval(ctx: PlanContext) -> StagePlan:
     """Every compared model answers the held-out prompts (all kept loaded), PM-scored and AI-compared."""
     from cai_jax.checkpoints.pm import _score_fn
-    from experiments.stages import feedback_settings, ppo_snapshot_iterations
 
-    e = ctx.cfg.eval
+    ev = ctx.configs["eval"]
+    e = ev.eval
     params, held_model = loaded(ctx, Transformer(ctx.base), "model")
-    compared = 2 + len(ppo_snapshot_iterations(ctx.stage_ctx))  # helpful, sl-cai, rl-cai snapshots
+    compared = 2 + len(ctx.configs["ppo"].snapshot_iterations())  # helpful, sl-cai, rl-cai snapshots
     held = [Held(f"{compared} compared models (loaded on device 0, kept)", compared * held_model.params_bytes)]
     pm, held_pm = loaded(ctx, ScalarModel(ctx.pm), "scorer PM")
     held.append(held_pm)
     judge = params
-    if ctx.cfg.feedback_model.name:  # else the judge is the helpful model, loaded once
+    if ev.judged.feedback_model.name:  # else the judge is the helpful model, loaded once
         judge, held_judge = loaded(ctx, Transformer(ctx.feedback), "judge (feedback model)")
         held.append(held_judge)
-    n, new = int(e.num_prompts), int(e.max_new_tokens)
-    length = -(-min(ctx.prompt_tokens + new, int(ctx.cfg.pm.seq_len)) // 16) * 16  # right_pad(multiple_of=16)
+    n, new = e.num_prompts, e.max_new_tokens
+    pm_seq_len = ctx.configs["pm"].pm.seq_len  # the scorer PM reads at most its training seq_len
+    length = bucket_length(min(ctx.prompt_tokens + new, pm_seq_len), 16)  # LoadedPM.score's padded length
     sds = functools.partial(jax.ShapeDtypeStruct, sharding=ctx.first_device)
-    pm_rows = 8  # eval_stage.pm_scores: pm.score(batch_size=8)
-    settings = feedback_settings(ctx.stage_ctx)
+    pm_rows = 8  # stages/eval.pm_scores: pm.score_texts(batch_size=8)
+    settings = ev.settings_for_elo()
     steps = (
         sampler(
             ctx,

@@ -1,4 +1,4 @@
-"""The report stage (figures, report.md and report.html of one run) and the cross-run summary of a sweep.
+"""The report of one run (figures, report.md and report.html) and the cross-run summary of a sweep.
 
 Reads the run folder through experiments/run_folder.py (`eval/summary.json`, schema in
 experiments/eval_stage.py, the DONE records and the stages' rows); draws the paper's figure
@@ -18,10 +18,10 @@ from experiments import figures
 from experiments import findings as F
 from experiments import tables as T
 from experiments.explorer import write_explorer
-from experiments.pipeline import StageContext, read_marker
+from experiments.pipeline import read_marker
 from experiments.run_folder import RunData, load_run
 
-__all__ = ["stage_report", "sweep_report"]
+__all__ = ["write_run_report", "sweep_report"]
 
 
 def _load(path: Path) -> Any:
@@ -101,8 +101,8 @@ INTERVAL_NOTE = (
 )
 
 
-def stage_report(ctx: StageContext) -> dict:
-    workdir = ctx.workdir
+def write_run_report(workdir: Path) -> dict:
+    """figures/, report.md and report.html of the run in `workdir`, from its files alone."""
     run = load_run(workdir)
     made = run_figures(run.summary, workdir / "figures")
     tables = run_tables(run)
@@ -115,7 +115,7 @@ def stage_report(ctx: StageContext) -> dict:
     notes.append(INTERVAL_NOTE)
     figures.write_report(
         workdir / "report.md",
-        config=ctx.cfg.to_dict(),
+        config=run.config,
         stage_timings=stage_timings,
         figures=made,
         tables=tables,

@@ -30,7 +30,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from experiments.pipeline import ORDER
+# Pipeline order for display (experiments/stages REGISTRY; tests/test_stage_configs.py checks they agree).
+# The explorer reads a run folder without importing the stages (no jax), hence a copy here.
+ORDER = ("revisions", "sft", "feedback", "pm", "ppo", "eval", "report")
 
 __all__ = ["RunData", "load_run", "read_jsonl_capped"]
 

@@ -23,10 +23,16 @@ import shlex
 import sys
 from pathlib import Path
 
-from experiments.config_util import ConfigError, apply_overrides, load_config, load_config_module
-from experiments.pipeline import StageError, WorkdirError, run_pipeline
-from experiments.quiet import setup_logging
-from experiments.wandb_log import wandb_run
+if __name__ == "__main__":  # before anything heavy is imported: the process may be replaced
+    from experiments import entry as _entry
+
+    _entry.reexec()
+
+from experiments import entry as process  # noqa: E402
+from experiments.config_util import ConfigError, apply_overrides, load_config, load_config_module  # noqa: E402
+from experiments.pipeline import StageError, WorkdirError, run_pipeline  # noqa: E402
+from experiments.stages import REGISTRY  # noqa: E402
+from experiments.wandb_log import wandb_run  # noqa: E402
 
 
 def _run_name(i: int, entry: dict) -> str:
@@ -68,12 +74,13 @@ def main(argv=None) -> int:
     p.add_argument("--stages", default=None, help="stages per run (default: the config's SWEEP_STAGES, else all)")
     p.add_argument("--print-commands", action="store_true", help="print one launch command per run and exit")
     p.add_argument("--overwrite", action="store_true", help="allow changed configs in existing run folders")
-    p.add_argument("--log-level", default="INFO", help="INFO (default) | DEBUG (also third-party messages) | WARNING")
+    process.add_distributed_flags(p)
     args, rest = p.parse_known_args(argv)
-    setup_logging(args.log_level)
-    from cai_jax import compile_cache
-
-    compile_cache.enable()  # the runs of a sweep compile the same programs: compile each once
+    try:
+        process.start(args)  # the runs of a sweep compile the same programs: the cache compiles each once
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     bad = [r for r in rest if not r.startswith("--config.")]
     if bad:
         p.error(f"unrecognized arguments {bad} (overrides look like --config.sft.num_steps=10)")
@@ -103,7 +110,9 @@ def main(argv=None) -> int:
         for name, cfg, _ in runs:
             print(f"[sweep] run {name}", flush=True)
             with wandb_run(cfg, root / name):
-                run_pipeline(cfg, root / name, stages=stages, overwrite=args.overwrite, reuse_from=finished)
+                run_pipeline(
+                    cfg, root / name, registry=REGISTRY, stages=stages, overwrite=args.overwrite, reuse_from=finished
+                )
             finished.append(root / name)
         from experiments.report import sweep_report
 

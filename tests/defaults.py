@@ -20,17 +20,17 @@ def base_config():
 
 
 def ppo_config(**overrides):
-    """`PPOConfig` of configs/base.py's `ppo` section, with `overrides`."""
-    from cai_jax.train.ppo_steps import PPOConfig
+    """`PPOConfig` of configs/base.py's `ppo` section (as the ppo stage builds it), with `overrides`."""
+    import dataclasses
 
-    section = {k: v for k, v in base_config().ppo.items() if k not in ("num_iterations", "optim")}
-    return PPOConfig.from_config({**section, **overrides})
+    from experiments.stages import ppo
+
+    return dataclasses.replace(ppo.Config.build(base_config()).ppo.settings, **overrides)
 
 
 def feedback_settings(**overrides):
-    """`FeedbackSettings` of configs/base.py's `feedback` section, with `overrides` (settings fields)."""
-    from cai_jax.cai.feedback import FeedbackSettings
+    """`FeedbackSettings` of configs/base.py's `feedback` section (as the feedback stage builds it),
+    with `overrides` (settings fields)."""
+    from experiments.stages import feedback
 
-    cfg = base_config()
-    overrides.setdefault("policy_rendering", cfg.sft.rendering)
-    return FeedbackSettings.from_config(cfg.feedback, **overrides)
+    return feedback.Config.build(base_config()).settings(**overrides)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cai_jax.models import llama
+from cai_jax.nn import llama
 
 BF16_TOL = 2.0**-7
 

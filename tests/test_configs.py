@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,7 +11,18 @@ import pytest
 
 from experiments import launch, sweep
 from experiments.config_util import ConfigError, apply_overrides, load_config, load_config_module, parse_override
-from experiments.pipeline import ORDER, StageError, WorkdirError, resolve_stages, run_pipeline, stage_hashes
+from experiments.pipeline import StageError, WorkdirError, resolve_stages, stage_hashes
+from experiments.pipeline import run_pipeline as _run_pipeline
+from experiments.stages import REGISTRY
+
+ORDER = tuple(s.name for s in REGISTRY)
+
+
+def run_pipeline(cfg, workdir, *, stage_fns, **kw):
+    """The pipeline with each stage's `run` replaced by `stage_fns[name](ctx)` (the configs still built)."""
+    registry = [dataclasses.replace(s, run=lambda ctx, c, f=stage_fns[s.name]: f(ctx)) for s in REGISTRY]
+    return _run_pipeline(cfg, workdir, registry=registry, **kw)
+
 
 CONFIGS = sorted(
     p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.py") if not p.name.startswith("_")
@@ -23,7 +35,7 @@ def test_every_config_builds_and_every_sweep_expands(path):
     assert isinstance(cfg, ml_collections.ConfigDict)
     for section in ("model", "prompts", "revisions", "sft", "feedback", "pm", "ppo", "eval", "mesh", "checkpoint"):
         assert section in cfg, f"{path.name} lacks {section}"
-    hashes = stage_hashes(cfg)
+    hashes = stage_hashes(cfg, REGISTRY)
     assert set(hashes) == set(ORDER)
     if hasattr(load_config_module(str(path)), "sweep"):
         runs = sweep.expand(str(path))
@@ -51,7 +63,16 @@ def test_every_schedule_ends_where_its_stage_updates_end():
     Updates are counted here from what each loop does: SFT / PMP / PM take `num_steps` micro-steps of
     `grad_accum_steps` each; a PPO iteration makes `ppo_epochs` passes of rollout / minibatch updates.
     """
-    from experiments.stages import stage_optim
+    from experiments.pipeline import stage_configs
+
+    def stage_optim(cfg, stage):
+        c = stage_configs(cfg, REGISTRY)
+        return {
+            "sft": c["sft"].sft.optimizer,
+            "pmp": c["pm"].pm.pmp.optimizer,
+            "pm": c["pm"].pm.optimizer,
+            "ppo": c["ppo"].ppo.optimizer,
+        }[stage]()
 
     checked = 0
     for name, cfg in _shipped_runs():
@@ -77,7 +98,7 @@ def test_every_schedule_ends_where_its_stage_updates_end():
 
 def test_label_sweep_shares_upstream_stages():
     runs = sweep.expand("configs/ablate_labels.py")
-    hashes = [stage_hashes(cfg) for _, cfg, _ in runs]
+    hashes = [stage_hashes(cfg, REGISTRY) for _, cfg, _ in runs]
     assert len({h["revisions"] for h in hashes}) == 1
     assert len({h["sft"] for h in hashes}) == 1
     assert len({h["feedback"] for h in hashes}) == len(runs)
@@ -87,9 +108,9 @@ def test_label_sweep_shares_upstream_stages():
 def test_unhashed_sections_do_not_change_stage_hashes():
     cfg = load_config("configs/demo.py")
     moved = apply_overrides(cfg, [("mesh.data", 2), ("checkpoint.save_every_steps", 3), ("log.progress", False)])
-    assert stage_hashes(cfg) == stage_hashes(moved)
-    changed = stage_hashes(apply_overrides(cfg, [("pm.num_steps", 99)]))
-    same = [s for s in ORDER if changed[s] == stage_hashes(cfg)[s]]
+    assert stage_hashes(cfg, REGISTRY) == stage_hashes(moved, REGISTRY)
+    changed = stage_hashes(apply_overrides(cfg, [("pm.num_steps", 99)]), REGISTRY)
+    same = [s for s in ORDER if changed[s] == stage_hashes(cfg, REGISTRY)[s]]
     assert same == ["revisions", "sft", "feedback"]
 
 
@@ -113,8 +134,8 @@ def test_overrides_cast_types_and_name_missing_fields():
 
 def test_unknown_stage_is_a_clear_error(tmp_path):
     with pytest.raises(StageError, match="unknown stage name.*'sfft'.*revisions, sft"):
-        resolve_stages("revisions,sfft")
-    assert resolve_stages("ppo,sft") == ["sft", "ppo"]
+        resolve_stages("revisions,sfft", REGISTRY)
+    assert resolve_stages("ppo,sft", REGISTRY) == ["sft", "ppo"]
     assert launch.main(["--config", "configs/tiny.py", "--workdir", str(tmp_path), "--stages", "bogus"]) == 2
 
 
@@ -129,7 +150,7 @@ def _fake_stages(calls):
     def make(name):
         def fn(ctx):
             calls.append(name)
-            (ctx.dir / "artifact.txt").write_text(ctx.hashes[name])
+            (ctx.dir / "artifact.txt").write_text(name)
             return {"deps": list(ctx.deps)}
 
         return fn
@@ -205,16 +226,12 @@ def test_sweep_runs_share_finished_stages(tmp_path, monkeypatch):
     calls: list[tuple[str, str]] = []
     import experiments.pipeline as pipeline
 
-    def fake_run(cfg, workdir, **kw):
-        fns = {}
-        for name in ORDER:
+    def fake_run(cfg, workdir, registry, **kw):
+        def fake(ctx, config):
+            calls.append((ctx.workdir.name, ctx.name))
+            return {}
 
-            def fn(ctx, name=name):
-                calls.append((ctx.workdir.name, name))
-                return {}
-
-            fns[name] = fn
-        return pipeline.run_pipeline(cfg, workdir, stage_fns=fns, **kw)
+        return pipeline.run_pipeline(cfg, workdir, registry=[dataclasses.replace(s, run=fake) for s in registry], **kw)
 
     monkeypatch.setattr(sweep, "run_pipeline", fake_run)
     monkeypatch.setattr("experiments.report.sweep_report", lambda root, runs, kind: root / "sweep_report.md")

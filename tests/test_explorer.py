@@ -9,7 +9,6 @@ import json
 import math
 from pathlib import Path
 
-import ml_collections
 import pytest
 
 from experiments.explorer import display_text, write_explorer
@@ -187,12 +186,10 @@ def test_findings_follow_the_numbers(run_dir):
 
 
 def test_report_md(run_dir):
-    from experiments.pipeline import StageContext
-    from experiments.report import stage_report
+    from experiments.report import write_run_report
 
     workdir, wrote = run_dir
-    cfg = ml_collections.ConfigDict(wrote["config"])
-    out = stage_report(StageContext(cfg, workdir, "report", {}, {}))
+    out = write_run_report(workdir)
     assert out["html"] == "report.html" and (workdir / "report.html").is_file()
     captions = json.loads((workdir / "figures" / "captions.json").read_text())
     assert captions["fig5_revisions.png"].startswith("Fig. 5 analogue")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cai_jax.checkpoints.hf import save_hf_checkpoint
-from cai_jax.models.config import ModelConfig, UnsupportedModelError
+from cai_jax.nn.config import ModelConfig, UnsupportedModelError
 
 CONVERTER_VERSION = "2"  # bump when the conversion changes, so cached folders are rebuilt
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from cai_jax.models.config import ModelConfig
+from cai_jax.nn.config import ModelConfig
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -138,7 +138,7 @@ def hf_tensors_to_params(cfg: ModelConfig, tensors: dict[str, np.ndarray], sourc
 def _expected_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     import flax.linen as nn
 
-    from cai_jax.models.llama import Transformer
+    from cai_jax.nn.llama import Transformer
 
     abstract = jax.eval_shape(
         lambda: nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), np.zeros((1, 1), np.int32))["params"])

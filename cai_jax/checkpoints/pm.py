@@ -47,8 +47,8 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from cai_jax.checkpoints.hf import INDEX_NAME, SINGLE_NAME, CheckpointError, load_hf_params, save_hf_checkpoint
-from cai_jax.models.config import ModelConfig
-from cai_jax.models.heads import ScalarModel
+from cai_jax.nn.config import ModelConfig
+from cai_jax.nn.heads import ScalarModel
 
 __all__ = ["save_pm", "load_pm", "LoadedPM", "HEAD_NAME", "PM_JSON"]
 

@@ -11,8 +11,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from cai_jax.models.config import ModelConfig
-from cai_jax.models.llama import Transformer
+from cai_jax.nn.config import ModelConfig
+from cai_jax.nn.llama import Transformer
 
 # Presets resolve to local files only; nothing is downloaded at run time.
 PRESETS = {
@@ -27,7 +27,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 @dataclasses.dataclass
 class LoadedModel:
-    """What `load_pretrained` returns (see DESIGN.md, public API)."""
+    """What `load_pretrained` returns: .model, .params, .tokenizer, .config (docs/design.md)."""
 
     model: Transformer
     params: Any

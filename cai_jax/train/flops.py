@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import jax
 
-from cai_jax.models.config import ModelConfig
+from cai_jax.nn.config import ModelConfig
 
 __all__ = ["matmul_params", "model_flops_per_token", "PEAK_FLOPS", "peak_flops_per_device", "resolve_peak_flops"]
 

@@ -1,4 +1,4 @@
-"""The eval stage: PM scores by revision round, model snapshots' responses, AI-comparison Elo,
+"""Stage 6, eval: PM scores by revision round, model snapshots' responses, AI-comparison Elo,
 Goodhart monitors, multiple-choice evals and calibration, gathered into `eval/summary.json`.
 
 Models compared: "helpful" (the starting model), "sl-cai" (sft/export) and "rl-cai@<k>" (PPO
@@ -30,19 +30,58 @@ from typing import Any
 import jax
 import numpy as np
 
-from experiments.pipeline import StageContext
-from experiments.stages import (
-    feedback_settings,
+from experiments.context import (
+    StageContext,
     load_base_model,
-    load_constitution_from,
+    load_constitution_file,
     load_exported,
-    load_helpful_constitution,
-    load_judge,
     load_prompt_split,
     read_jsonl,
     stage_seed,
     write_json,
 )
+from experiments.stages import feedback
+from experiments.stages.feedback import judge
+from experiments.typed import inline, take
+
+
+@dataclasses.dataclass(frozen=True)
+class Eval:
+    scorer_pm: str  # "" = this run's pm stage; or a pm/export folder of another run
+    num_prompts: int
+    max_new_tokens: int
+    temperature: float
+    revision_rounds: bool
+    elo_snapshots: tuple[int, ...]
+    elo_comparisons: int
+    n_bootstrap: int
+    elo_l2: float
+    mc_files: tuple[str, ...]
+    mc_max_questions: int
+    calibration_bins: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    judged: feedback.Config = inline()  # the feedback judge and what it reads: Elo and MC evals ask it
+    eval: Eval
+
+    @classmethod
+    def build(cls, cfg) -> Config:
+        return take(cls, cfg, "config")
+
+    @property
+    def seed_eval(self) -> int:
+        return stage_seed(self.judged.seed, "eval")
+
+    def settings(self, **overrides):
+        """The feedback judge's settings (the policy rendering is SFT's)."""
+        return self.judged.settings(**overrides)
+
+    def settings_for_elo(self):
+        """Both orders, no few-shots, plain soft labels."""
+        return self.settings(swap=True, num_few_shots=0, cot=False, hard=False, clamp=None, cot_samples=1)
+
 
 KIND_SEEDS = {"harmlessness": 0, "helpfulness": 1}
 
@@ -57,11 +96,11 @@ def _part(ctx: StageContext, name: str, fn) -> Any:
     return value
 
 
-def scorer_pm(ctx: StageContext):
+def scorer_pm(ctx: StageContext, cfg: Config):
     """The PM that scores responses: eval.scorer_pm, else this run's pm stage, else None."""
     from cai_jax.checkpoints.pm import load_pm
 
-    folder = ctx.cfg.eval.scorer_pm or (str(ctx.dep("pm") / "export") if ctx.has("pm") else "")
+    folder = cfg.eval.scorer_pm or (str(ctx.dep("pm") / "export") if ctx.has("pm") else "")
     if not folder:
         return None
     key = ("pm", folder)
@@ -117,25 +156,26 @@ def snapshot_models(ctx: StageContext) -> list[dict]:
     return models
 
 
-def generate_responses(ctx: StageContext, model: dict, prompts: dict[str, list[str]]) -> dict[str, list[str]]:
+def generate_responses(ctx: StageContext, cfg: Config, model: dict, prompts: dict) -> dict[str, list[str]]:
     from cai_jax.sampling import generate
     from cai_jax.text import encode_prompt
 
-    lm = load_base_model(ctx) if model["folder"] is None else load_exported(ctx, Path(model["folder"]))
-    e = ctx.cfg.eval
+    if model["folder"] is None:
+        lm = load_base_model(ctx, cfg.judged.model, cfg.judged.seed)
+    else:
+        lm = load_exported(ctx, Path(model["folder"]), cfg.judged.model)
+    e = cfg.eval
     out = {}
     for kind, texts in prompts.items():
-        ids = [encode_prompt(lm.tokenizer, t, ctx.cfg.sft.rendering) for t in texts]
+        ids = [encode_prompt(lm.tokenizer, t, cfg.judged.sft.rendering) for t in texts]
         # Every model answers with the same keys: differences come from the models, not the draws.
-        key = jax.random.fold_in(jax.random.key(stage_seed(ctx)), KIND_SEEDS[kind])
-        sample = generate(
-            lm, ids, rng=key, max_new_tokens=int(e.max_new_tokens), temperature=float(e.temperature), truncate=True
-        )
+        key = jax.random.fold_in(jax.random.key(cfg.seed_eval), KIND_SEEDS[kind])
+        sample = generate(lm, ids, rng=key, max_new_tokens=e.max_new_tokens, temperature=e.temperature, truncate=True)
         out[kind] = [t.strip() for t in sample.texts(lm.tokenizer)]
     return out
 
 
-def elo_table(ctx: StageContext, kind: str, prompts: list[str], responses: dict[str, list[str]]) -> dict:
+def elo_table(ctx: StageContext, cfg: Config, kind: str, prompts: list[str], responses: dict[str, list[str]]) -> dict:
     """Elo of every model from AI comparisons of all model pairs on `prompts` (both orders averaged).
 
     Harmlessness asks the constitution's feedback principles, helpfulness the helpfulness
@@ -146,40 +186,37 @@ def elo_table(ctx: StageContext, kind: str, prompts: list[str], responses: dict[
     from cai_jax.cai.feedback import label_pairs
     from cai_jax.eval.elo import elo_scores
 
-    constitution = load_constitution_from(ctx) if kind == "harmlessness" else load_helpful_constitution(ctx)
-    settings = dataclasses.replace(
-        feedback_settings(ctx), swap=True, num_few_shots=0, cot=False, hard=False, clamp=None, cot_samples=1
-    )
-    if kind == "helpfulness":  # principle_limit restricts the constitution's pool, not this one
+    if kind == "harmlessness":
+        constitution = load_constitution_file(cfg.judged.constitution)
+    else:
+        constitution = load_constitution_file(cfg.judged.feedback.helpful_constitution, helpful=True)
+    settings = cfg.settings_for_elo()
+    if kind == "helpfulness":  # feedback.num_principles limits the constitution's pool, not this one
         settings = dataclasses.replace(settings, num_principles=None)
     names = list(responses)
     rows, pairs, groups = [], [], []
     for a, b in itertools.combinations(names, 2):
         for i, prompt in enumerate(prompts):
-            for _ in range(int(ctx.cfg.eval.elo_comparisons)):
+            for _ in range(cfg.eval.elo_comparisons):
                 rows.append(
                     {"prompt": prompt, "response_a": responses[a][i], "response_b": responses[b][i], "index": len(rows)}
                 )
                 pairs.append((a, b))
                 groups.append(i)
-    judge = load_judge(ctx, settings)
-    rng = jax.random.key(stage_seed(ctx) + 7)
-    labelled = label_pairs(judge, rows, constitution, settings=settings, rng=rng, allow_empty=True)
+    rng = jax.random.key(cfg.seed_eval + 7)
+    labelled = label_pairs(
+        judge(ctx, cfg.judged, settings), rows, constitution, settings=settings, rng=rng, allow_empty=True
+    )
     comparisons = [(a, b, float(r["p_a"])) for (a, b), r in zip(pairs, labelled)]
     scores = elo_scores(
         comparisons,
         anchor="helpful",
-        n_bootstrap=int(ctx.cfg.eval.n_bootstrap),
-        seed=stage_seed(ctx),
-        l2=float(ctx.cfg.eval.elo_l2),
+        n_bootstrap=cfg.eval.n_bootstrap,
+        seed=cfg.seed_eval,
+        l2=cfg.eval.elo_l2,
         groups=groups,
     )
     return {m: {"elo": s.elo, "lo": s.lo, "hi": s.hi, "n": s.n_comparisons} for m, s in scores.items()}
-
-
-def feedback_model(ctx: StageContext):
-    """The judge of the MC evals (the feedback stage's judge, reading the feedback rendering)."""
-    return load_judge(ctx, feedback_settings(ctx))
 
 
 def ppo_curve(ctx: StageContext) -> dict | None:
@@ -199,12 +236,12 @@ def ppo_curve(ctx: StageContext) -> dict | None:
     }
 
 
-def stage_eval(ctx: StageContext) -> dict:
+def run(ctx: StageContext, cfg: Config) -> dict:
     from cai_jax.eval.goodhart import goodhart_metrics
 
-    e = ctx.cfg.eval
+    e = cfg.eval
     notes: list[str] = []
-    pm = scorer_pm(ctx)
+    pm = scorer_pm(ctx, cfg)
     if pm is None:
         notes.append("No preference model (no pm stage, eval.scorer_pm empty): PM scores and Fig. 5 are skipped.")
     summary: dict[str, Any] = {"notes": notes}
@@ -216,17 +253,20 @@ def stage_eval(ctx: StageContext) -> dict:
             "Fig. 5 scores the revisions of the training red-team prompts with this run's PM (it never trained on them)."
         )
 
-    _, red_eval, _ = load_prompt_split(ctx, "red_team")
-    _, help_eval, _ = load_prompt_split(ctx, "helpful")
-    n = int(e.num_prompts)
+    _, red_eval, _ = load_prompt_split(ctx, cfg.judged.prompts, "red_team", cfg.judged.seed)
+    _, help_eval, _ = load_prompt_split(ctx, cfg.judged.prompts, "helpful", cfg.judged.seed)
+    n = e.num_prompts
     prompts = {"harmlessness": [p.text for p in red_eval[:n]], "helpfulness": [p.text for p in help_eval[:n]]}
     models = snapshot_models(ctx)
     summary["models"] = [{"name": m["name"], "ppo_step": m["ppo_step"]} for m in models]
     responses = {}
     for m in models:
-        responses[m["name"]] = _part(ctx, f"responses-{m['name']}", lambda m=m: generate_responses(ctx, m, prompts))
+        responses[m["name"]] = _part(
+            ctx, f"responses-{m['name']}", lambda m=m: generate_responses(ctx, cfg, m, prompts)
+        )
+    tokenizer = load_base_model(ctx, cfg.judged.model, cfg.judged.seed).tokenizer
     summary["goodhart"] = {
-        name: {kind: goodhart_metrics(texts, tokenizer=load_base_model(ctx).tokenizer) for kind, texts in r.items()}
+        name: {kind: goodhart_metrics(texts, tokenizer=tokenizer) for kind, texts in r.items()}
         for name, r in responses.items()
     }
     if pm is not None:
@@ -246,7 +286,7 @@ def stage_eval(ctx: StageContext) -> dict:
             kind: _part(
                 ctx,
                 f"elo-{kind}",
-                lambda kind=kind: elo_table(ctx, kind, prompts[kind], {k: v[kind] for k, v in responses.items()}),
+                lambda kind=kind: elo_table(ctx, cfg, kind, prompts[kind], {k: v[kind] for k, v in responses.items()}),
             )
             for kind in prompts
             if prompts[kind]
@@ -258,17 +298,13 @@ def stage_eval(ctx: StageContext) -> dict:
             out = {}
             for path in e.mc_files:
                 questions = load_mc_eval(path)
-                if int(e.mc_max_questions):
-                    questions = questions[: int(e.mc_max_questions)]
-                judge = feedback_model(ctx)
-                if not hasattr(judge, "lm"):
-                    raise ValueError(f"eval.mc_files: the judge {judge.name} is not a language model")
-                result = evaluate_mc(
-                    judge.lm,
-                    questions,
-                    rendering=feedback_settings(ctx).rendering,
-                    n_bins=int(e.calibration_bins),
-                )
+                if e.mc_max_questions:
+                    questions = questions[: e.mc_max_questions]
+                settings = cfg.settings()
+                mc_judge = judge(ctx, cfg.judged, settings)
+                if not hasattr(mc_judge, "lm"):
+                    raise ValueError(f"eval.mc_files: the judge {mc_judge.name} is not a language model")
+                result = evaluate_mc(mc_judge.lm, questions, rendering=settings.rendering, n_bins=e.calibration_bins)
                 out[Path(path).name] = {k: v for k, v in result.items() if k not in ("questions", "by_source")}
             return out
 

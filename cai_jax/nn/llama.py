@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cai_jax.models.config import ModelConfig
+from cai_jax.nn.config import ModelConfig
 
 Cache = list  # one {"k": [B, K, D, S], "v": [B, K, S, D]} dict per layer
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite, so fully masked rows give no NaN

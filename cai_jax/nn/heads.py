@@ -6,8 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cai_jax.models.config import ModelConfig
-from cai_jax.models.llama import Transformer
+from cai_jax.nn.config import ModelConfig
+from cai_jax.nn.llama import Transformer
 
 
 def last_token_index(mask_BL: jax.Array) -> jax.Array:

@@ -1,0 +1,276 @@
+"""What every stage shares, below the stages: the context it runs in, the sections several stages
+read (model, prompts), loaders of models, judges, prompts and constitutions, seeds and files.
+
+A stage never sees the ConfigDict. It receives its own frozen config (built from the sections it
+declares, `experiments.typed`) and a `StageContext`: the folders of its workdir, the settings that
+say where and how it runs but not what it computes (mesh, checkpoint cadence, logging: left out of
+every hash, so a run can move to another mesh), and a cache of loaded models shared by the stages of
+one launch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = [
+    "RandomModel",
+    "ModelSpec",
+    "PromptsSpec",
+    "MeshSpec",
+    "CheckpointSpec",
+    "LogSpec",
+    "RunSettings",
+    "StageContext",
+    "stage_seed",
+    "load_base_model",
+    "load_exported",
+    "load_judge",
+    "load_constitution_file",
+    "load_prompt_split",
+    "read_jsonl",
+    "write_json",
+]
+
+# Per-stage constants folded into the run seed, so stages draw independent randomness.
+SEED_OFFSETS = {"revisions": 0, "sft": 1, "feedback": 2, "pm": 3, "ppo": 4, "eval": 5, "feedback_helpful": 6}
+
+
+def stage_seed(seed: int, name: str) -> int:
+    return int(seed) * 1000 + SEED_OFFSETS[name]
+
+
+# ---------------------------------------------------------------- sections several stages read
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomModel:
+    """`model.random_config`: ModelConfig fields of a random-init model (vocab from the tokenizer)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The `model` section: the starting model and the run's dtypes."""
+
+    name: str
+    init: str  # pretrained | random
+    random_config: RandomModel
+    dtype: str
+    param_dtype: str
+
+    def __post_init__(self):
+        if self.init not in ("pretrained", "random"):
+            raise ValueError(f"model.init={self.init!r}; expected pretrained or random")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptsSpec:
+    """The `prompts` section: red-team and helpful prompt sources and their train / eval split."""
+
+    red_team: str
+    helpful: str
+    num_red_team: int
+    num_helpful: int
+    eval_fraction: float
+    max_chars: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    data: int
+    fsdp: int
+    tensor: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+    save_every_steps: int
+    keep_last: int
+    keep_after_done: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSpec:
+    progress: bool
+    tensorboard: bool
+    wandb: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """Where and how stages run, not what they compute: never part of a stage's hash."""
+
+    mesh: MeshSpec
+    checkpoint: CheckpointSpec
+    log: LogSpec
+
+    @classmethod
+    def from_config(cls, cfg) -> RunSettings:
+        from experiments.typed import take
+
+        return cls(
+            take(MeshSpec, cfg.mesh, "mesh"),
+            take(CheckpointSpec, cfg.checkpoint, "checkpoint"),
+            take(LogSpec, cfg.log, "log"),
+        )
+
+
+@dataclasses.dataclass
+class StageContext:
+    """What a stage's `run(ctx, cfg)` gets besides its config: folders, run settings, the model cache."""
+
+    workdir: Path
+    name: str
+    run: RunSettings
+    cache: dict  # shared across the stages of one launch (loaded models)
+    deps: list[str] = dataclasses.field(default_factory=list)  # stages read in this launch
+
+    def has(self, name: str) -> bool:
+        """Whether stage `name`'s artifacts are part of this launch (optional dependencies)."""
+        return name in self.deps
+
+    @property
+    def dir(self) -> Path:
+        return self.workdir / self.name
+
+    def dep(self, name: str) -> Path:
+        return self.workdir / name
+
+    def checkpoints(self, sub: str = ""):
+        """The stage's checkpoint settings, in `<stage>/<sub>/checkpoints`."""
+        from cai_jax.checkpoints.train_state import CheckpointConfig
+
+        c = self.run.checkpoint
+        folder = (self.dir / sub / "checkpoints").resolve()
+        return CheckpointConfig(directory=str(folder), save_every_steps=c.save_every_steps, keep_last=c.keep_last)
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def load_base_model(ctx: StageContext, m: ModelSpec, seed: int, name: str | None = None):
+    """The starting model (or `name` with its dtypes): pretrained, or random weights of `random_config`."""
+    from cai_jax.models import LoadedModel, Transformer, init_params, load_pretrained, load_tokenizer
+    from cai_jax.models.loading import resolve_model_path
+
+    name = name or m.name
+    key = ("base", name, m, seed)
+    if key in ctx.cache:
+        return ctx.cache[key]
+    if m.init == "pretrained":
+        lm = load_pretrained(name, dtype=m.dtype, param_dtype=m.param_dtype)
+    else:
+        tokenizer = load_tokenizer(resolve_model_path(name))
+        cfg = random_model_config(m, tokenizer)
+        lm = LoadedModel(Transformer(cfg), init_params(cfg, jax.random.key(int(seed))), tokenizer, cfg, None)
+    ctx.cache[key] = lm
+    return lm
+
+
+def random_model_config(m: ModelSpec, tokenizer):
+    """The `ModelConfig` of `model.init=random`: `model.random_config` with the tokenizer's vocabulary."""
+    from cai_jax.models import ModelConfig
+
+    eos = tokenizer.eos_token_id
+    return ModelConfig(
+        vocab_size=len(tokenizer),
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        model_type="llama",
+        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        **dataclasses.asdict(m.random_config),
+    )
+
+
+def load_exported(ctx: StageContext, folder: Path, m: ModelSpec):
+    """An HF-format folder written by a stage (e.g. sft/export), with the run's dtypes."""
+    from cai_jax.models import load_pretrained
+
+    key = ("exported", str(folder), m.dtype, m.param_dtype)
+    if key not in ctx.cache:
+        ctx.cache[key] = load_pretrained(folder, dtype=m.dtype, param_dtype=m.param_dtype)
+    return ctx.cache[key]
+
+
+def load_judge(ctx: StageContext, judge_name: str, m: ModelSpec, seed: int, *, rendering: str, batch_size: int):
+    """The judge named by `feedback_model.name`: "" = the starting model, a model name / folder, or
+    "python:<module>:<callable>" (`cai_jax.cai.judge`); LM judges read `rendering` ("chat" | "raw")."""
+    from cai_jax.cai.judge import PYTHON_PREFIX, LMJudge, load_callable
+
+    key = ("judge", judge_name, m, seed, rendering, batch_size)
+    if key not in ctx.cache:
+        if judge_name.startswith(PYTHON_PREFIX):
+            ctx.cache[key] = load_callable(judge_name)
+        else:
+            lm = load_base_model(ctx, m, seed, judge_name or None)
+            ctx.cache[key] = LMJudge(lm, rendering=rendering, batch_size=batch_size, name=judge_name or m.name)
+    return ctx.cache[key]
+
+
+def load_constitution_file(name: str, *, helpful: bool = False):
+    """A constitution: "" = the project's default; a shipped name or a file; `helpful` ones need feedback principles."""
+    from cai_jax.cai.constitution import default_constitution, load_constitution
+
+    c = load_constitution(name) if name else default_constitution()
+    if helpful and not c.feedback_principles:
+        raise ValueError(f"config feedback.helpful_constitution={name!r} has no feedback principles")
+    return c
+
+
+def load_prompt_split(ctx: StageContext, p: PromptsSpec, kind: str, seed: int) -> tuple[list, list, dict]:
+    """(train, eval, counts) of the configured red_team or helpful prompts."""
+    from cai_jax.cai.prompts import load_prompts, prepare_prompts, shipped_prompts
+
+    source = p.red_team if kind == "red_team" else p.helpful
+    limit = p.num_red_team if kind == "red_team" else p.num_helpful
+    key = ("prompts", kind, p, seed)
+    if key in ctx.cache:
+        return ctx.cache[key]
+    prompts = shipped_prompts(source.split(":", 1)[1]) if source.startswith("shipped:") else load_prompts(source)
+    train, evals, report = prepare_prompts(prompts, eval_fraction=p.eval_fraction, max_chars=p.max_chars, seed=seed)
+    if limit:
+        # Cap each side in proportion, so the held-out share stays eval_fraction.
+        n_eval = round(limit * p.eval_fraction)
+        train, evals = train[: limit - n_eval], evals[:n_eval]
+    ctx.cache[key] = (train, evals, report)
+    return ctx.cache[key]
+
+
+# ---------------------------------------------------------------- files
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
+    tmp.replace(path)
