@@ -138,7 +138,10 @@ def engine_files(tmp: Path, monkeypatch) -> dict[str, dict[str, str]]:
         kw = dict(process_index=p, process_count=PROCESSES, progress=False)
         run_revisions(lm, ps, constitution, REVISIONS, tmp / "revisions", **kw)
         run_feedback(lm, judge, ps, constitution, tmp / "feedback", settings=FEEDBACK, seed=5, batch_size=2, **kw)
-    return {e: {f.name: f.read_text(encoding="utf-8") for f in sorted((tmp / e).iterdir())} for e in ("revisions", "feedback")}
+    return {
+        e: {f.name: f.read_text(encoding="utf-8") for f in sorted((tmp / e).iterdir())}
+        for e in ("revisions", "feedback")
+    }
 
 
 def test_engine_files_match_the_golden_bytes(tmp_path, monkeypatch):

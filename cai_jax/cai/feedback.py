@@ -55,10 +55,8 @@ the prompt's global index). `load_comparisons_dataset` reads the folder as one `
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +65,8 @@ import numpy as np
 
 from cai_jax.cai.constitution import Constitution, FeedbackFewShot, sample_feedback_principles
 from cai_jax.cai.judge import JudgeError, JudgeQuestion, LMJudge
-from cai_jax.cai.prompts import Prompt, shard_for_process
+from cai_jax.cai.prompts import Prompt
+from cai_jax.jobs import Batch, ShardedJob, shard_files
 from cai_jax.sampling import generate
 from cai_jax.text import encode_prompt, render_chat, render_transcript, validate_messages
 
@@ -600,21 +599,18 @@ def _model_id(lm: Any) -> list[str]:
     return [str(getattr(lm, "path", None)), repr(lm.config)]
 
 
-def _fingerprint(settings, seed, batch_size, constitution, prompts, policy_lm, judge) -> str:
-    blob = json.dumps(
-        {
-            "settings": dataclasses.asdict(settings),
-            "seed": seed,
-            "batch_size": batch_size,
-            "policy": _model_id(policy_lm),
-            "feedback_model": _model_id(judge),
-            "principles": [dataclasses.asdict(p) for p in constitution.feedback_principles],
-            "few_shots": [dataclasses.asdict(s) for s in _few_shots(constitution, settings)],
-            "prompts": [(_prompt_id(p, i), prompt_messages(p)) for i, p in enumerate(prompts)],
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def _fingerprint_inputs(settings, seed, batch_size, constitution, prompts, policy_lm, judge) -> dict:
+    """What the rows depend on: the folder's fingerprint."""
+    return {
+        "settings": dataclasses.asdict(settings),
+        "seed": seed,
+        "batch_size": batch_size,
+        "policy": _model_id(policy_lm),
+        "feedback_model": _model_id(judge),
+        "principles": [dataclasses.asdict(p) for p in constitution.feedback_principles],
+        "few_shots": [dataclasses.asdict(s) for s in _few_shots(constitution, settings)],
+        "prompts": [(_prompt_id(p, i), prompt_messages(p)) for i, p in enumerate(prompts)],
+    }
 
 
 def _check_prompts(prompts: Sequence[Prompt | str], policy_lm: Any, settings: FeedbackSettings) -> None:
@@ -634,9 +630,13 @@ def _check_prompts(prompts: Sequence[Prompt | str], policy_lm: Any, settings: Fe
             )
 
 
-def feedback_batch(policy_lm, judge, constitution, prompts, indices, key, settings, seed) -> list[dict]:
-    """Samples and labels one batch: responses from `fold_in(key, 0)`, CoT from `fold_in(key, 1)`."""
+def feedback_batch(
+    policy_lm, judge, constitution, prompts, indices, key, settings, seed, tick: Callable[[], None] = lambda: None
+) -> list[dict]:
+    """Samples and labels one batch: responses from `fold_in(key, 0)`, CoT from `fold_in(key, 1)`.
+    `tick()` follows the sampling (the progress bar; the labelling is the batch's second step)."""
     pairs = sample_pairs(policy_lm, prompts, rng=jax.random.fold_in(key, 0), settings=settings)
+    tick()
     rows = [
         {
             "prompt_id": _prompt_id(p, i),
@@ -652,10 +652,6 @@ def feedback_batch(policy_lm, judge, constitution, prompts, indices, key, settin
         for p, i, (a, b) in zip(prompts, indices, pairs)
     ]
     return label_pairs(judge, rows, constitution, settings=settings, rng=jax.random.fold_in(key, 1))
-
-
-def _shard(out: Path, process_index: int, batch: int) -> Path:
-    return out / f"rows-p{process_index:03d}-b{batch:06d}.jsonl"
 
 
 def run_feedback(
@@ -685,73 +681,45 @@ def run_feedback(
       seed: seeds the responses, the principles and the reasoning samples.
       batch_size: prompts per sampling call and per shard (per process).
       process_index / process_count: this host's strided shard of the prompts (default: jax's).
+      progress: a bar that ticks per step of a batch (sampling, labelling).
 
     Returns:
       out_dir. A `DONE-p<process>` file holding the fingerprint marks this process's shard finished.
     """
-    from tqdm.auto import tqdm
-
     if batch_size < 1:
         raise ValueError(f"feedback: batch_size={batch_size} must be >= 1")
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
     judge = as_judge(judge, settings)
     _check_constitution(constitution, settings)
     _check_prompts(prompts, policy_lm, settings)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(settings, seed, batch_size, constitution, prompts, policy_lm, judge)
-    meta_path = out / "meta.json"
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text()).get("fingerprint")
-        if old != fingerprint:
-            raise ValueError(
-                f"{out}: holds comparisons made with other settings, models, constitution or prompts "
-                f"(fingerprint {old} != {fingerprint}); use another folder or delete it"
-            )
-    else:
-        meta = {
-            "fingerprint": fingerprint,
+    job = ShardedJob(
+        out_dir,
+        kind="comparison",
+        inputs=_fingerprint_inputs(settings, seed, batch_size, constitution, prompts, policy_lm, judge),
+        meta={
             "settings": dataclasses.asdict(settings),
             "seed": seed,
             "batch_size": batch_size,
             "num_prompts": len(prompts),
-        }
-        tmp = meta_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, meta_path)
+        },
+        num_items=len(prompts),
+        batch_size=batch_size,
+        seed=seed,
+        process_index=jax.process_index() if process_index is None else process_index,
+        process_count=jax.process_count() if process_count is None else process_count,
+        steps_per_item=2,
+        progress=progress,
+    )
 
-    indices = shard_for_process(list(range(len(prompts))), process_index, process_count)
-    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    done = sum(len(idx) for b, idx in enumerate(batches) if _shard(out, process_index, b).exists())
-    bar = tqdm(total=len(indices), initial=done, unit="prompt", disable=not progress, desc=f"feedback p{process_index}")
-    base = jax.random.fold_in(jax.random.key(seed), process_index)
-    for b, idx in enumerate(batches):
-        path = _shard(out, process_index, b)
-        if path.exists():
-            continue
-        rows = feedback_batch(
-            policy_lm, judge, constitution, [prompts[i] for i in idx], idx, jax.random.fold_in(base, b), settings, seed
-        )  # fmt: skip
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        bar.update(len(idx))
-    bar.close()
-    (out / f"DONE-p{process_index:03d}").write_text(fingerprint)
-    return out
+    def batch_rows(batch: Batch) -> list[dict]:
+        ps = [prompts[i] for i in batch.indices]
+        return feedback_batch(policy_lm, judge, constitution, ps, batch.indices, batch.key, settings, seed, batch.tick)
+
+    return job.run(batch_rows)
 
 
 def comparison_files(out_dir: str | os.PathLike) -> list[str]:
     """The JSONL shards of a feedback folder, every process's, in (process, batch) order."""
-    files = sorted(str(p) for p in Path(out_dir).glob("rows-p*-b*.jsonl"))
-    if not files:
-        raise FileNotFoundError(f"{out_dir}: no comparison shards (rows-p*-b*.jsonl)")
-    return files
+    return shard_files(out_dir, "comparison")
 
 
 def load_comparisons_dataset(out_dir: str | os.PathLike):
