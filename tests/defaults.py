@@ -29,7 +29,7 @@ def ppo_config(**overrides):
 
 def feedback_settings(**overrides):
     """`FeedbackSettings` of configs/base.py's `feedback` section, with `overrides` (settings fields)."""
-    from cai_jax.cai.feedback import FeedbackSettings
+    from cai_jax.cai.feedback_settings import FeedbackSettings
 
     cfg = base_config()
     overrides.setdefault("policy_rendering", cfg.sft.rendering)

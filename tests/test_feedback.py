@@ -3,7 +3,7 @@ ensembling, clamping, hard labels), the resumable engine, bad input, and the emb
 a feedback model.
 
 Most tests use a judge whose option log-probs are a known function of the responses it is shown
-(`FakeJudge`, the `cai.judge` interface) and a fake `feedback.generate`, so every label is
+(`FakeJudge`, the `cai.judge` interface) and a fake `generate`, so every label is
 hand-checkable and the tests stay fast; one test runs the whole stage on a tiny random model, and
 the slow ones on SmolLM2.
 """
@@ -23,17 +23,12 @@ import numpy as np
 import pytest
 
 from cai_jax.cai import feedback as fb
+from cai_jax.cai import feedback_labels
 from cai_jax.cai.constitution import ConstitutionError, FeedbackFewShot, FeedbackPrinciple, default_constitution
-from cai_jax.cai.feedback import (
-    build_mc_question,
-    cot_answer_prefix,
-    draw_principles,
-    label_pairs,
-    label_probabilities,
-    load_comparisons_dataset,
-    run_feedback,
-    sample_pairs,
-)
+from cai_jax.cai.feedback import load_comparisons_dataset, run_feedback, sample_pairs
+from cai_jax.cai.feedback_labels import draw_principles, label_pairs
+from cai_jax.cai.feedback_probs import label_probabilities, member_probabilities
+from cai_jax.cai.feedback_question import build_mc_question, chat_question, cot_answer_prefix
 from cai_jax.cai.judge import CallableJudge, JudgeError, LMJudge
 from cai_jax.cai.prompts import Prompt, shipped_prompts
 from tests.defaults import feedback_settings
@@ -135,7 +130,8 @@ def hashed_quality(text: str) -> float:
 
 @pytest.fixture
 def fakes(monkeypatch):
-    monkeypatch.setattr(fb, "generate", fake_generate())
+    monkeypatch.setattr(fb, "generate", fake_generate())  # the policy's samples
+    monkeypatch.setattr(feedback_labels, "generate", fake_generate())  # chain-of-thought reasoning
 
 
 @pytest.fixture
@@ -196,7 +192,7 @@ def test_golden_question_chat(lm):
     )
     # The eval path turns a raw question into the same chat shape.
     raw = build_mc_question("Q?", "a", "b", "P")
-    assert fb.chat_question(lm.tokenizer, raw) == build_mc_question(
+    assert chat_question(lm.tokenizer, raw) == build_mc_question(
         "Q?", "a", "b", "P", rendering="chat", tokenizer=lm.tokenizer
     )
 
@@ -237,7 +233,7 @@ def test_swap_average_cancels_a_pure_position_bias():
         single = label_probabilities(*first)
         p = label_probabilities(*first, swap_logps=swapped)
         np.testing.assert_allclose(p, unbiased.mean(-1), rtol=1e-12)  # [2, 3] members -> their mean
-        np.testing.assert_allclose(fb.member_probabilities(*first, swap_logps=swapped), unbiased, rtol=1e-12)
+        np.testing.assert_allclose(member_probabilities(*first, swap_logps=swapped), unbiased, rtol=1e-12)
         if c:
             assert np.abs(single - unbiased.mean(-1)).max() > 0.01
     # "prob": the mean of p_A and 1 - p_(A) of the swapped question, by hand.
@@ -271,7 +267,7 @@ def test_label_pairs_swap_cancels_bias_end_to_end(lm, constitution, monkeypatch)
 def test_label_pairs_principles_members_and_few_shots(lm, constitution, monkeypatch):
     calls, gen_calls = [], []
     judge = FakeJudge(lm, hashed_quality, calls=calls)
-    monkeypatch.setattr(fb, "generate", fake_generate(gen_calls))
+    monkeypatch.setattr(feedback_labels, "generate", fake_generate(gen_calls))
     rows = [
         {"prompt": "First?", "response_a": "one", "response_b": "two", "prompt_id": "x"},
         {"prompt": "Second?", "response_a": "three", "response_b": "four", "index": 7},
@@ -281,7 +277,7 @@ def test_label_pairs_principles_members_and_few_shots(lm, constitution, monkeypa
     out = label_pairs(judge, rows, constitution, settings=settings, rng=key)
     calls.clear(), gen_calls.clear()
     assert out == label_pairs(judge, rows, constitution, settings=settings, rng=key)  # deterministic
-    words = fb._key_words(jax.random.fold_in(key, 0))
+    words = feedback_labels._key_words(jax.random.fold_in(key, 0))
     for row, idx in zip(out, (0, 7)):
         drawn = draw_principles(constitution, settings, np.random.default_rng([*words, idx]))
         assert row["principle_ids"] == [
