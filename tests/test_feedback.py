@@ -31,6 +31,7 @@ from cai_jax.cai.feedback_probs import label_probabilities, member_probabilities
 from cai_jax.cai.feedback_question import build_mc_question, chat_question, cot_answer_prefix
 from cai_jax.cai.judge import CallableJudge, JudgeError, LMJudge
 from cai_jax.cai.prompts import Prompt, shipped_prompts
+from cai_jax.jobs import Progress
 from tests.defaults import feedback_settings
 
 # The labeller's settings in these tests: base config values, one order, no few-shots, unless a
@@ -404,6 +405,29 @@ def test_processes_write_every_prompt_once(lm, judge, constitution, fakes, tmp_p
     for r in rows:  # principles depend on (seed, global index), not on the process
         expected = draw_principles(constitution, settings, np.random.default_rng([BASE["seed"], r["index"]]))
         assert r["principle_ids"] == expected["principle_ids"] and prompts[r["index"]].id == r["prompt_id"]
+
+
+def test_progress_ticks_after_sampling_and_after_scoring(lm, constitution, tmp_path, monkeypatch):
+    events, real_tick, sample = [], Progress.tick, fake_generate()
+
+    def tick(self, n=1):
+        real_tick(self, n)
+        if n:
+            events.append(("tick", self.done, self.total))
+
+    class Judge(FakeJudge):
+        def option_logprobs(self, questions):
+            events.append("score")
+            return super().option_logprobs(questions)
+
+    monkeypatch.setattr(Progress, "tick", tick)
+    monkeypatch.setattr(fb, "generate", lambda *a, **k: (events.append("generate"), sample(*a, **k))[1])
+    prompts = shipped_prompts("red_team")[:3]
+    run_feedback(lm, Judge(lm, hashed_quality), prompts, constitution, tmp_path, **BASE)
+    assert events == [
+        *["generate", ("tick", 2, 6), "score", ("tick", 4, 6)],  # a batch of 2 prompts, 2 steps each
+        *["generate", ("tick", 5, 6), "score", ("tick", 6, 6)],  # then 1 prompt
+    ]
 
 
 def test_tiny_model_end_to_end(lm, constitution, tmp_path):
