@@ -262,7 +262,7 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _json_default(x):
+def json_default(x):
     if isinstance(x, (np.floating, np.integer)):
         return x.item()
     if isinstance(x, np.ndarray):
@@ -271,6 +271,6 @@ def _json_default(x):
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
-    tmp.replace(path)
+    from cai_jax import atomic
+
+    atomic.write_json(path, obj, indent=1, default=json_default)

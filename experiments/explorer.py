@@ -37,6 +37,7 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup
 
+from cai_jax import atomic
 from experiments import findings as F
 from experiments import tables as T
 from experiments.run_folder import RunData, load_run
@@ -283,9 +284,7 @@ def write_explorer(workdir, *, max_rows: int = MAX_ROWS) -> Path:
     run = load_run(workdir, limit=max_rows)
     html = render_explorer(run)
     out = workdir / "report.html"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(out)
+    atomic.write_text(out, html, fsync=False)
     return out
 
 

@@ -22,6 +22,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from cai_jax import atomic
+
 __all__ = [
     "fig_calibration",
     "fig_critique_vs_direct",
@@ -424,5 +426,5 @@ def write_report(
     if notes:
         out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     out += ["## Config", "", "```json", json.dumps(config, indent=2, default=str), "```", ""]
-    path.write_text("\n".join(out))
+    atomic.write_text(path, "\n".join(out), fsync=False)
     return path

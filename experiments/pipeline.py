@@ -31,6 +31,7 @@ from typing import Any
 
 import ml_collections
 
+from cai_jax import atomic
 from experiments.config_util import to_json
 from experiments.context import RunSettings, StageContext
 from experiments.typed import hash_of
@@ -117,9 +118,7 @@ def read_marker(folder: Path, name: str) -> dict | None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    atomic.write_json(path, obj, indent=1, sort_keys=True, default=str)
 
 
 def is_done(workdir: Path, stage: str, h: str) -> bool:

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from cai_jax import atomic
 from experiments import figures
 from experiments import findings as F
 from experiments import tables as T
@@ -124,7 +125,7 @@ def write_run_report(workdir: Path) -> dict:
     )
     # The captions travel with the figures, so report.html (rewritten from the folder alone) has them.
     if made:
-        (workdir / "figures" / "captions.json").write_text(json.dumps({p.name: c for c, p in made.items()}, indent=1))
+        atomic.write_json(workdir / "figures" / "captions.json", {p.name: c for c, p in made.items()}, indent=1)
     html = write_explorer(workdir)
     return {"figures": sorted(p.name for p in made.values()), "tables": sorted(tables), "html": html.name}
 

@@ -3,7 +3,7 @@ ensembling, clamping, hard labels), the resumable engine, bad input, and the emb
 a feedback model.
 
 Most tests use a judge whose option log-probs are a known function of the responses it is shown
-(`FakeJudge`, the `cai.judge` interface) and a fake `feedback.generate`, so every label is
+(`FakeJudge`, the `cai.judge` interface) and a fake `generate`, so every label is
 hand-checkable and the tests stay fast; one test runs the whole stage on a tiny random model, and
 the slow ones on SmolLM2.
 """
@@ -23,19 +23,15 @@ import numpy as np
 import pytest
 
 from cai_jax.cai import feedback as fb
+from cai_jax.cai import feedback_labels
 from cai_jax.cai.constitution import ConstitutionError, FeedbackFewShot, FeedbackPrinciple, default_constitution
-from cai_jax.cai.feedback import (
-    build_mc_question,
-    cot_answer_prefix,
-    draw_principles,
-    label_pairs,
-    label_probabilities,
-    load_comparisons_dataset,
-    run_feedback,
-    sample_pairs,
-)
+from cai_jax.cai.feedback import load_comparisons_dataset, run_feedback, sample_pairs
+from cai_jax.cai.feedback_labels import draw_principles, label_pairs
+from cai_jax.cai.feedback_probs import label_probabilities, member_probabilities
+from cai_jax.cai.feedback_question import build_mc_question, chat_question, cot_answer_prefix
 from cai_jax.cai.judge import CallableJudge, JudgeError, LMJudge
 from cai_jax.cai.prompts import Prompt, shipped_prompts
+from cai_jax.jobs import Progress
 from tests.defaults import feedback_settings
 
 # The labeller's settings in these tests: base config values, one order, no few-shots, unless a
@@ -135,7 +131,8 @@ def hashed_quality(text: str) -> float:
 
 @pytest.fixture
 def fakes(monkeypatch):
-    monkeypatch.setattr(fb, "generate", fake_generate())
+    monkeypatch.setattr(fb, "generate", fake_generate())  # the policy's samples
+    monkeypatch.setattr(feedback_labels, "generate", fake_generate())  # chain-of-thought reasoning
 
 
 @pytest.fixture
@@ -196,7 +193,7 @@ def test_golden_question_chat(lm):
     )
     # The eval path turns a raw question into the same chat shape.
     raw = build_mc_question("Q?", "a", "b", "P")
-    assert fb.chat_question(lm.tokenizer, raw) == build_mc_question(
+    assert chat_question(lm.tokenizer, raw) == build_mc_question(
         "Q?", "a", "b", "P", rendering="chat", tokenizer=lm.tokenizer
     )
 
@@ -237,7 +234,7 @@ def test_swap_average_cancels_a_pure_position_bias():
         single = label_probabilities(*first)
         p = label_probabilities(*first, swap_logps=swapped)
         np.testing.assert_allclose(p, unbiased.mean(-1), rtol=1e-12)  # [2, 3] members -> their mean
-        np.testing.assert_allclose(fb.member_probabilities(*first, swap_logps=swapped), unbiased, rtol=1e-12)
+        np.testing.assert_allclose(member_probabilities(*first, swap_logps=swapped), unbiased, rtol=1e-12)
         if c:
             assert np.abs(single - unbiased.mean(-1)).max() > 0.01
     # "prob": the mean of p_A and 1 - p_(A) of the swapped question, by hand.
@@ -271,7 +268,7 @@ def test_label_pairs_swap_cancels_bias_end_to_end(lm, constitution, monkeypatch)
 def test_label_pairs_principles_members_and_few_shots(lm, constitution, monkeypatch):
     calls, gen_calls = [], []
     judge = FakeJudge(lm, hashed_quality, calls=calls)
-    monkeypatch.setattr(fb, "generate", fake_generate(gen_calls))
+    monkeypatch.setattr(feedback_labels, "generate", fake_generate(gen_calls))
     rows = [
         {"prompt": "First?", "response_a": "one", "response_b": "two", "prompt_id": "x"},
         {"prompt": "Second?", "response_a": "three", "response_b": "four", "index": 7},
@@ -281,7 +278,7 @@ def test_label_pairs_principles_members_and_few_shots(lm, constitution, monkeypa
     out = label_pairs(judge, rows, constitution, settings=settings, rng=key)
     calls.clear(), gen_calls.clear()
     assert out == label_pairs(judge, rows, constitution, settings=settings, rng=key)  # deterministic
-    words = fb._key_words(jax.random.fold_in(key, 0))
+    words = feedback_labels._key_words(jax.random.fold_in(key, 0))
     for row, idx in zip(out, (0, 7)):
         drawn = draw_principles(constitution, settings, np.random.default_rng([*words, idx]))
         assert row["principle_ids"] == [
@@ -408,6 +405,29 @@ def test_processes_write_every_prompt_once(lm, judge, constitution, fakes, tmp_p
     for r in rows:  # principles depend on (seed, global index), not on the process
         expected = draw_principles(constitution, settings, np.random.default_rng([BASE["seed"], r["index"]]))
         assert r["principle_ids"] == expected["principle_ids"] and prompts[r["index"]].id == r["prompt_id"]
+
+
+def test_progress_ticks_after_sampling_and_after_scoring(lm, constitution, tmp_path, monkeypatch):
+    events, real_tick, sample = [], Progress.tick, fake_generate()
+
+    def tick(self, n=1):
+        real_tick(self, n)
+        if n:
+            events.append(("tick", self.done, self.total))
+
+    class Judge(FakeJudge):
+        def option_logprobs(self, questions):
+            events.append("score")
+            return super().option_logprobs(questions)
+
+    monkeypatch.setattr(Progress, "tick", tick)
+    monkeypatch.setattr(fb, "generate", lambda *a, **k: (events.append("generate"), sample(*a, **k))[1])
+    prompts = shipped_prompts("red_team")[:3]
+    run_feedback(lm, Judge(lm, hashed_quality), prompts, constitution, tmp_path, **BASE)
+    assert events == [
+        *["generate", ("tick", 2, 6), "score", ("tick", 4, 6)],  # a batch of 2 prompts, 2 steps each
+        *["generate", ("tick", 5, 6), "score", ("tick", 6, 6)],  # then 1 prompt
+    ]
 
 
 def test_tiny_model_end_to_end(lm, constitution, tmp_path):

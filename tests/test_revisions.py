@@ -30,6 +30,7 @@ from cai_jax.cai.revisions import (
     render_step,
     run_revisions,
 )
+from cai_jax.jobs import Progress
 
 # SmolLM2's chat template inserts this system turn when the conversation has none.
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -409,6 +410,30 @@ def test_processes_write_every_prompt_once(lm, constitution, tmp_path, monkeypat
         i = next(i for i, p in enumerate(ps) if p.id == r["id"])
         expected = sample_sl_principles(constitution, 1, np.random.default_rng([BASE.seed, i]), k=4)
         assert [rd["principle_id"] for rd in r["rounds"]] == [p.id for p in expected]
+
+
+@pytest.mark.parametrize("mode", ["critique", "direct"])
+def test_progress_ticks_after_every_generate_call(lm, constitution, tmp_path, monkeypatch, mode):
+    events, record = [], recorder([])
+    real_tick = Progress.tick
+
+    def tick(self, n=1):
+        real_tick(self, n)
+        if n:
+            events.append(("tick", self.done, self.total))
+
+    monkeypatch.setattr(Progress, "tick", tick)
+    monkeypatch.setattr(rev, "_generate_step", lambda *a: (events.append("generate"), record(*a))[1])
+    ps = [Prompt(f"p{i}", f"Question {i}?", "test") for i in range(3)]
+    settings = dataclasses.replace(BASE, num_revisions=2, batch_size=2, mode=mode)
+    run_revisions(lm, ps, constitution, settings, tmp_path, progress=False)
+    steps = 5 if mode == "critique" else 3  # the answer, then (critique,) revision per round
+    expected, done = [], 0
+    for size in (2, 1):  # batches of 2 and 1 prompts
+        for _ in range(steps):
+            done += size
+            expected += ["generate", ("tick", done, 3 * steps)]
+    assert events == expected
 
 
 # ---------------------------------------------------------------- bad input

@@ -72,6 +72,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from cai_jax import atomic
 from cai_jax.cai import _constitution_import as imp
 from cai_jax.cai._constitution_schema import SCHEMA_MARKERS, parse_schema, to_dict
 from cai_jax.cai._constitution_types import (
@@ -271,10 +272,7 @@ def save_constitution(constitution: Constitution, path: str | os.PathLike) -> Pa
         out = json.dumps(d, indent=2, ensure_ascii=False) + "\n"
     else:
         out = yaml.dump(d, Dumper=_BlockDumper, sort_keys=False, allow_unicode=True, width=100)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(out, encoding="utf-8")
-    tmp.replace(p)  # atomic: a reader never sees a half-written constitution
-    return p
+    return atomic.write_text(p, out)  # a reader never sees a half-written constitution
 
 
 def _sample(

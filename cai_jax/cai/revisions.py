@@ -20,31 +20,36 @@ Modes: "critique" (critique request -> critique -> revision request -> revision)
 (revision request -> revision, no critique step; the revision request then follows the answer or
 the previous revision directly, so the prompt text differs from the critique mode's).
 
-Determinism and resume: prompts are split into fixed batches of `batch_size` (per process); each
-finished batch is written atomically as its own JSONL shard, so a killed run loses at most the
-batch in flight, and a rerun skips finished shards. A batch's samples depend only on (seed, process
-index, batch index) and each prompt's principles only on (seed, the prompt's global index), so
-the resumed output equals an uninterrupted run's. The folder loads with `load_revisions` (or
-`datasets.load_dataset("json", data_files=...)`) as one dataset across processes.
+Determinism and resume: the run is a `cai_jax.jobs.ShardedJob`. Prompts are split into fixed
+batches of `batch_size` (per process); each finished batch is written atomically as its own JSONL
+shard, so a killed run loses at most the batch in flight, and a rerun skips finished shards; a
+`meta.json` fingerprint refuses a folder made with other settings, model, constitution or
+prompts. A batch's samples depend only on (seed, process index, batch index) and each prompt's
+principles only on (seed, the prompt's global index), so the resumed output equals an
+uninterrupted run's. `cleanup-p<process>.json` counts the clean-up fixes per batch. The progress
+bar ticks after every generate call (answer, critique, revision). The folder loads with
+`load_revisions` (or `datasets.load_dataset("json", data_files=...)`) as one dataset across
+processes.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from cai_jax import atomic
 from cai_jax.cai.constitution import Constitution, SLPrinciple, sample_sl_principles
-from cai_jax.cai.prompts import Prompt, shard_for_process
+from cai_jax.cai.prompts import Prompt
+from cai_jax.jobs import Batch, ShardedJob, shard_files
 from cai_jax.sampling import generate
 from cai_jax.text import encode_text, render_chat
 
@@ -149,18 +154,20 @@ def clean_text(text: str, counts: collections.Counter) -> str:
 # ---------------------------------------------------------------- the engine
 
 
-def _settings_hash(settings: RevisionSettings, constitution: Constitution, prompts: Sequence[Prompt], lm) -> str:
-    blob = json.dumps(
-        {
-            "settings": dataclasses.asdict(settings),
-            "model": [str(getattr(lm, "path", None)), repr(lm.config)],
-            "constitution": [dataclasses.asdict(p) for p in constitution.sl_principles],
-            "few_shots": [dataclasses.asdict(s) for s in constitution.sl_few_shots[: settings.num_few_shots]],
-            "prompts": [(p.id, p.text) for p in prompts],
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def _fingerprint_inputs(settings: RevisionSettings, constitution: Constitution, prompts: Sequence[Prompt], lm) -> dict:
+    """What the rows depend on besides the seed (which `settings` holds): the folder's fingerprint."""
+    return {
+        "settings": dataclasses.asdict(settings),
+        "model": [str(getattr(lm, "path", None)), repr(lm.config)],
+        "constitution": [dataclasses.asdict(p) for p in constitution.sl_principles],
+        "few_shots": [dataclasses.asdict(s) for s in constitution.sl_few_shots[: settings.num_few_shots]],
+        "prompts": [(p.id, p.text) for p in prompts],
+    }
+
+
+def _steps(settings: RevisionSettings) -> int:
+    """Generate calls per prompt: the answer, then a critique (critique mode) and a revision per round."""
+    return 1 + settings.num_revisions * (2 if settings.mode == "critique" else 1)
 
 
 def _check_prompts(prompts: Sequence[Prompt], lm, constitution: Constitution, settings: RevisionSettings):
@@ -168,7 +175,7 @@ def _check_prompts(prompts: Sequence[Prompt], lm, constitution: Constitution, se
     if not prompts:
         raise ValueError("revisions: the prompt list is empty")
     context = lm.config.max_position_embeddings
-    steps = 1 + settings.num_revisions * (2 if settings.mode == "critique" else 1)
+    steps = _steps(settings)
     shots = _few_shot_turns(constitution, settings.num_few_shots, settings.mode)
     for p in prompts:
         if not p.text.strip():
@@ -202,9 +209,17 @@ def _generate_step(lm, texts: list[str], key, settings: RevisionSettings) -> lis
 
 
 def revise_batch(
-    lm, constitution: Constitution, prompts: Sequence[Prompt], indices: Sequence[int], key, settings, counts
+    lm,
+    constitution: Constitution,
+    prompts: Sequence[Prompt],
+    indices: Sequence[int],
+    key,
+    settings,
+    counts,
+    tick: Callable[[], None] = lambda: None,
 ) -> list[dict]:
-    """Runs the initial answer and every round for one batch; returns its rows."""
+    """Runs the initial answer and every round for one batch; returns its rows. `tick()` follows
+    each generate call (the progress bar)."""
     principles: list[list[SLPrinciple]] = [
         sample_sl_principles(
             constitution, settings.num_revisions, np.random.default_rng([settings.seed, i]), k=settings.num_principles
@@ -220,6 +235,7 @@ def revise_batch(
         lm, [render(dialogue_turns(p.text, None, []), "assistant") for p in prompts], jax.random.fold_in(key, next(step)), settings
     )  # fmt: skip
     responses = [clean_text(r, counts) for r in responses]
+    tick()
     rounds: list[list[dict]] = [[] for _ in prompts]
 
     def run(new: list[dict], kind: str) -> None:
@@ -229,6 +245,7 @@ def revise_batch(
         ]
         for rd, text in zip(new, _generate_step(lm, texts, jax.random.fold_in(key, next(step)), settings)):
             rd[kind] = clean_text(text, counts)
+        tick()
 
     for r in range(settings.num_revisions):
         new = [{"principle_id": pr[r].id, "critique_request": None, "critique": None} for pr in principles]
@@ -258,9 +275,7 @@ def _write_stats(path: Path, per_batch: dict) -> None:
     total: collections.Counter = collections.Counter()
     for c in per_batch.values():
         total.update(c)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"total": dict(total), "batches": per_batch}, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic.write_json(path, {"total": dict(total), "batches": per_batch}, indent=2, sort_keys=True)
 
 
 def run_revisions(
@@ -283,14 +298,11 @@ def run_revisions(
       settings: RevisionSettings.
       out_dir: output folder; rows go to `rows-p<process>-b<batch>.jsonl`.
       process_index / process_count: this host's shard of the prompts (strided).
+      progress: a bar that ticks per generate call.
 
     Returns:
       out_dir. A `DONE-p<process>` file marks this process's shard as finished.
     """
-    from tqdm.auto import tqdm
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     # Fails early on a bad k; checks the SL principles only (restrict() would also bound k by the
     # feedback principles, which this stage does not use).
     if settings.num_revisions or settings.num_principles is not None:
@@ -301,64 +313,41 @@ def run_revisions(
             f"{len(constitution.sl_few_shots)} SL few-shot transcripts"
         )
     _check_prompts(prompts, lm, constitution, settings)
-    fingerprint = _settings_hash(settings, constitution, prompts, lm)
-    meta_path = out / "meta.json"
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text()).get("fingerprint")
-        if old != fingerprint:
-            raise ValueError(
-                f"{out}: holds revisions made with other settings, constitution or prompts "
-                f"(fingerprint {old} != {fingerprint}); use another folder or delete it"
-            )
-    else:
-        meta = {"fingerprint": fingerprint, "settings": dataclasses.asdict(settings), "num_prompts": len(prompts)}
-        meta_path.write_text(json.dumps(meta, indent=2))
-
-    indices = shard_for_process(list(range(len(prompts))), process_index, process_count)
-    batches = [indices[i : i + settings.batch_size] for i in range(0, len(indices), settings.batch_size)]
-    # Clean-up counts per batch, kept across resumed runs: {"total": {...}, "batches": {b: {...}}}.
-    stats_path = out / f"cleanup-p{process_index:03d}.json"
-    per_batch = json.loads(stats_path.read_text()).get("batches", {}) if stats_path.exists() else {}
-    done = [b for b in range(len(batches)) if (out / f"rows-p{process_index:03d}-b{b:06d}.jsonl").exists()]
-    bar = tqdm(
-        total=len(indices),
-        initial=sum(len(batches[b]) for b in done),
-        unit="prompt",
-        disable=not progress,
-        desc=f"revisions p{process_index}",
+    job = ShardedJob(
+        out_dir,
+        kind="revision",
+        inputs=_fingerprint_inputs(settings, constitution, prompts, lm),
+        meta={"settings": dataclasses.asdict(settings), "num_prompts": len(prompts)},
+        num_items=len(prompts),
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        process_index=process_index,
+        process_count=process_count,
+        steps_per_item=_steps(settings),
+        progress=progress,
     )
-    base = jax.random.fold_in(jax.random.key(settings.seed), process_index)
-    for b, idx in enumerate(batches):
-        path = out / f"rows-p{process_index:03d}-b{b:06d}.jsonl"
-        if path.exists():
-            continue
+    job.claim()
+    # Clean-up counts per batch, kept across resumed runs: {"total": {...}, "batches": {b: {...}}}.
+    stats_path = job.folder / f"cleanup-p{process_index:03d}.json"
+    per_batch = json.loads(stats_path.read_text()).get("batches", {}) if stats_path.exists() else {}
+    if not stats_path.exists():  # also written when this process gets no prompts
+        _write_stats(stats_path, per_batch)
+
+    def batch_rows(batch: Batch) -> list[dict]:
         counts: collections.Counter = collections.Counter()
-        rows = revise_batch(
-            lm, constitution, [prompts[i] for i in idx], idx, jax.random.fold_in(base, b), settings, counts
-        )
+        ps = [prompts[i] for i in batch.indices]
+        rows = revise_batch(lm, constitution, ps, batch.indices, batch.key, settings, counts, batch.tick)
         # Counts first, then the shard: a kill in between reruns the batch, which recounts the same.
-        per_batch[str(b)] = dict(counts)
+        per_batch[str(batch.index)] = dict(counts)
         _write_stats(stats_path, per_batch)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        bar.update(len(idx))
-    bar.close()
-    if not stats_path.exists():  # no batch ran (this process got no prompts)
-        _write_stats(stats_path, per_batch)
-    (out / f"DONE-p{process_index:03d}").write_text(fingerprint)
-    return out
+        return rows
+
+    return job.run(batch_rows)
 
 
 def revision_files(out_dir: str | os.PathLike) -> list[str]:
-    files = sorted(str(p) for p in Path(out_dir).glob("rows-p*-b*.jsonl"))
-    if not files:
-        raise FileNotFoundError(f"{out_dir}: no revision shards (rows-p*-b*.jsonl)")
-    return files
+    """The JSONL shards of a revisions folder, every process's, in (process, batch) order."""
+    return shard_files(out_dir, "revision")
 
 
 def load_revisions(out_dir: str | os.PathLike):

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from cai_jax import atomic
 from cai_jax.nn.config import ModelConfig
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -213,14 +214,13 @@ def save_hf_checkpoint(
             _atomic_save(shard, folder / fname, metadata)
             weight_map.update({name: fname for name in shard})
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
-    (folder / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        atomic.write_json(folder / INDEX_NAME, index, indent=2)
+    atomic.write_json(folder / "config.json", hf_cfg, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
     return folder
 
 
 def _atomic_save(tensors, path: Path, metadata):
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)

@@ -40,6 +40,7 @@ from experiments.context import (
     stage_seed,
     write_json,
 )
+from experiments.context import json_default as _json_default
 from experiments.stages import feedback
 from experiments.stages.feedback import judge
 from experiments.typed import inline, take
@@ -87,13 +88,12 @@ KIND_SEEDS = {"harmlessness": 0, "helpfulness": 1}
 
 
 def _part(ctx: StageContext, name: str, fn) -> Any:
+    """`fn()`'s result, kept in `eval/parts/<name>.json` so a killed eval resumes at the part it was in."""
+    from cai_jax.jobs import cached_json
+
     path = ctx.dir / "parts" / f"{name}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = fn()
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, value)
-    return value
+    return cached_json(path, fn, indent=1, default=_json_default)
 
 
 def scorer_pm(ctx: StageContext, cfg: Config):
