@@ -13,7 +13,8 @@ Step i (0-based; its number in files, checkpoints and errors is i + 1) is
 SFT and PM (`fit_batches`): the source is a `Batcher` placed on the mesh (`BatcherSource`), the
 update one jitted step (`loop.jit_train_step`). PPO (`train.ppo`): the source is
 `ppo_rollout.RolloutSource` (sample with the current params, score, teacher-forced forwards,
-advantages), the update `ppo_rollout.ppo_epochs` (epochs x minibatches of the jitted `ppo_update`).
+advantages), the update `ppo_rollout.update_on_rollout` (epochs x minibatches of the jitted
+`ppo_update`).
 
 Invariants:
 - Exact resume. The latest checkpoint holds the train state and `source.state()` (the batcher

@@ -21,10 +21,10 @@ and reliability bins (`eval.pm.pm_metrics`) and the reward mean/std of the PM's 
 sides of the training comparisons (`eval.pm.reward_stats`), which RL uses to normalise rewards;
 `export_dir` gets the PM artifact (`checkpoints.pm.save_pm`).
 
-How the launcher chains PMP and PM (`train_pmp_then_pm` does exactly this):
+PMP then PM, as `train_pmp_then_pm` chains them:
 
     pmp = train_pm(cfg, lm_params, build_pmp_pairs(questions), workdir=f"{run}/pm/pmp", ...)
-    pm = train_pm(cfg, jax.device_get(pmp.state.params), comparisons, workdir=f"{run}/pm/pm", ...)
+    pm = train_pm(cfg, pmp.state.params, comparisons, workdir=f"{run}/pm/pm", ...)
 
 The first call converts the LM params (drops an untied `lm_head`, initialises a fresh score head);
 the second starts from the PMP `ScalarModel` params {"backbone", "head"} as they are.

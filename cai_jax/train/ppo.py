@@ -8,7 +8,7 @@ PPO is a rollout source plus an update on the one fit loop (`train.fit.fit`, one
 iteration): `ppo_rollout.RolloutSource` samples a response per prompt with the current policy,
 scores it with the preference model (or any `reward_fn(prompt_ids, response_ids, lengths) ->
 [B]`), runs the teacher-forced policy / reference / value forwards and computes the advantages;
-`ppo_rollout.ppo_epochs` runs `ppo_epochs` shuffled passes of minibatch updates. This module
+`ppo_rollout.update_on_rollout` runs `ppo_epochs` shuffled passes of minibatch updates. This module
 checks the inputs, builds the jitted steps and the initial state, and wires them to the loop.
 
 Writes `workdir/metrics.jsonl` (one row per iteration, see `METRIC_NAMES`), `workdir/samples.jsonl`
@@ -73,7 +73,7 @@ from cai_jax.train.ppo_rollout import (
     RolloutSource,
     _encode_prompts,
     layout,
-    ppo_epochs,
+    update_on_rollout,
 )
 from cai_jax.train.ppo_steps import PPOConfig, compute_advantages, ppo_update, rollout_forward
 from cai_jax.train.sft import export_params
@@ -301,7 +301,7 @@ def train_ppo(
     try:
         state = fit(
             source,
-            functools.partial(ppo_epochs, update=steps.update, cfg=cfg, seed=seed),
+            functools.partial(update_on_rollout, update=steps.update, cfg=cfg, seed=seed),
             state,
             ckpt=ckpt,
             logger=logger,

@@ -1,7 +1,7 @@
 """PPO on the fit loop: the rollout source and the update (Bai et al. 2022, sec. 4).
 
-    source = RolloutSource(steps, ref_params, reward_fn, cfg=cfg, ...)
-    update = functools.partial(ppo_epochs, update=steps.update, cfg=cfg, seed=seed)
+    source = RolloutSource(steps, ref_params, reward_fn, score_norm, cfg, stream=PromptStream(ids, ...), ...)
+    update = functools.partial(update_on_rollout, update=steps.update, cfg=cfg, seed=seed)
     state = fit(source, update, state, ..., fetch_late=False, unit="iteration")   # train.fit
 
 `RolloutSource.next(state, it)` is iteration `it`'s experience: `rollout_batch_size` prompts from
@@ -12,7 +12,7 @@ lengths) -> [B]`, checked finite before anything trains on them; teacher-forced 
 reference and value outputs; rewards = normalised score at the last token - beta * per-token
 KL (optional missing-EOS penalty), GAE and whitening. Its position (`state()`) is the stream's
 plus the KL coefficient beta, which the adaptive controller moves after each rollout, so a
-resume continues both. `ppo_epochs` is the update: `ppo_epochs` passes, each in the order
+resume continues both. `update_on_rollout` is the update: `ppo_epochs` passes, each in the order
 default_rng([seed, it, epoch]), of minibatch updates (the jitted `ppo_steps.ppo_update`).
 
 Each iteration's metrics row (`METRIC_NAMES`) joins the update's means and the rollout's
@@ -38,7 +38,7 @@ from cai_jax.train.pm_reward import PMReward, chunks
 from cai_jax.train.ppo_steps import PPOConfig
 from cai_jax.train.state import TrainState
 
-__all__ = ["METRIC_NAMES", "PromptStream", "layout", "Rollout", "RolloutSource", "ppo_epochs"]
+__all__ = ["METRIC_NAMES", "PromptStream", "layout", "Rollout", "RolloutSource", "update_on_rollout"]
 
 RewardFn = Callable[[Sequence[Sequence[int]], np.ndarray, np.ndarray], np.ndarray]
 METRIC_NAMES = (
@@ -116,7 +116,7 @@ def _encode_prompts(prompts, tokenizer, rendering: str | None) -> tuple[list[lis
 
 
 class Rollout(NamedTuple):
-    """One iteration's experience: what `ppo_epochs` trains on."""
+    """One iteration's experience: what `update_on_rollout` trains on."""
 
     batch: dict  # "tokens", "mask" [B, P+N]; "resp_mask", "old_logp", "old_values", "advantages", "returns" [B, N]
     stats: dict  # the rollout's metrics (scores, KL, entropy, lengths, kl_coef, times)
@@ -264,7 +264,7 @@ class RolloutSource:
         return rows
 
 
-def ppo_epochs(state: TrainState, rollout: Rollout, *, update: Callable, cfg: PPOConfig, seed: int):
+def update_on_rollout(state: TrainState, rollout: Rollout, *, update: Callable, cfg: PPOConfig, seed: int):
     """PPO's update on one rollout: `ppo_epochs` shuffled passes of minibatch `update`s (state donated).
 
     Returns:
