@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import types
 
 import jax
@@ -22,6 +23,7 @@ from cai_jax.checkpoints.train_state import CheckpointConfig, Checkpointer
 from cai_jax.models import ScalarModel, Transformer, tiny_config
 from cai_jax.sampling import generate
 from cai_jax.scoring import sequence_token_logprobs
+from cai_jax.train import logs
 from cai_jax.train.ppo import layout, train_ppo
 from cai_jax.train.ppo_steps import compute_advantages, ppo_update, rollout_forward
 from cai_jax.train.state import OptimConfig, TrainState, make_optimizer
@@ -344,7 +346,7 @@ RESUME_PPO = ppo_config(
 )
 
 
-def _resume_run(cfg, workdir, n, reward_fn=_reward_len, ppo=RESUME_PPO):
+def _resume_run(cfg, workdir, n, reward_fn=_reward_len, ppo=RESUME_PPO, every=2, **kw):
     lm = _lm(cfg)
     return train_ppo(
         lm,
@@ -353,12 +355,70 @@ def _resume_run(cfg, workdir, n, reward_fn=_reward_len, ppo=RESUME_PPO):
         _prompts(12, seed=1),
         ppo_cfg=ppo,
         optim_cfg=OptimConfig(lr=1e-3),
-        ckpt_cfg=_ckpt(workdir, every=2),
+        ckpt_cfg=_ckpt(workdir, every=every),
         num_iterations=n,
         seed=0,
         workdir=workdir,
         reward_fn=reward_fn,
+        **kw,
     )
+
+
+class Killed(BaseException):
+    """Stands in for kill -9 (nothing catches it; only `finally` blocks run): raised by a metrics sink."""
+
+
+TIMINGS = ("time/", "tokens_per_s", "mfu")
+
+
+def _untimed(path) -> list[str]:
+    """The file's rows without timing fields, each re-serialised in its own key order."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [json.dumps({k: v for k, v in r.items() if not k.startswith(TIMINGS)}) for r in rows]
+
+
+def test_killed_run_resumes_to_the_uninterrupted_files(cfg, tmp_path, monkeypatch):
+    """Killed after iteration 5's row (checkpoint 3): the rerun's metrics and samples are an uninterrupted run's."""
+    ppo = dataclasses.replace(RESUME_PPO, sample_every=1, num_samples_logged=2)
+    a, b = tmp_path / "a", tmp_path / "b"
+    _resume_run(cfg, a, 5, ppo=ppo, every=3)
+
+    def kill_at_5(path, row):
+        if row["step"] == 5:
+            raise Killed
+
+    monkeypatch.setattr(logs, "METRICS_SINKS", [kill_at_5])
+    with pytest.raises(Killed):
+        _resume_run(cfg, b, 5, ppo=ppo, every=3)
+    monkeypatch.setattr(logs, "METRICS_SINKS", [])
+    assert [r["step"] for r in _rows(b)] == [1, 2, 3, 4, 5]
+    samples = (b / "samples.jsonl").read_text().splitlines()
+    assert [json.loads(s)["iteration"] for s in samples] == [1, 1, 2, 2, 3, 3, 4, 4]  # 5's: not yet written
+    _resume_run(cfg, b, 5, ppo=ppo, every=3)
+    assert _untimed(b / "metrics.jsonl") == _untimed(a / "metrics.jsonl")
+    assert [r["step"] for r in _rows(b)] == [1, 2, 3, 4, 5]
+    assert (b / "samples.jsonl").read_bytes() == (a / "samples.jsonl").read_bytes()
+    assert len((a / "samples.jsonl").read_text().splitlines()) == 10
+
+
+def test_export_at_in_one_call_equals_the_per_snapshot_exports(cfg, tmp_path, caplog):
+    """One call exporting at iterations 1 and 3 == the old way: a call per snapshot, each resuming the last."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    with caplog.at_level(logging.INFO, logger="cai_jax.train.fit"):
+        _resume_run(cfg, a, 3, export_at={1: a / "iter_1", 3: a / "iter_3"})
+        assert "resumed" not in caplog.text
+        for k in (1, 3):
+            _resume_run(cfg, b, k, export_dir=b / f"iter_{k}")
+        assert "PPO: resumed from iteration 1" in caplog.text
+    for k in (1, 3):
+        files = sorted(p.name for p in (a / f"iter_{k}").iterdir())
+        assert "model.safetensors" in files and files == sorted(p.name for p in (b / f"iter_{k}").iterdir())
+        for name in files:
+            assert (a / f"iter_{k}" / name).read_bytes() == (b / f"iter_{k}" / name).read_bytes(), (k, name)
+    assert (a / "iter_1" / "model.safetensors").read_bytes() != (a / "iter_3" / "model.safetensors").read_bytes()
+    assert _untimed(a / "metrics.jsonl") == _untimed(b / "metrics.jsonl")
+    with Checkpointer(_ckpt(a)) as ckpt:
+        assert ckpt.all_steps() == [1, 2, 3]  # 1 forced by its export, 2 by the interval, 3 the last
 
 
 def test_resume_matches_uninterrupted(cfg, tmp_path):

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +23,7 @@ from cai_jax.train.state import OptimConfig, TrainState, make_optimizer
 from cai_jax.train.steps import sft_step
 
 SEQ_LEN, BATCH = 32, 4
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _examples(n: int, seed: int = 0, min_len: int = 12, max_len: int = 32) -> list[dict]:
@@ -83,6 +89,48 @@ def test_resume_matches_uninterrupted(cfg, params, tmp_path):
     for x, y in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert Checkpointer(CheckpointConfig(directory=str(b / "ckpt"))).all_steps() == [3, 6]
+
+
+# A child that trains like `_run(..., 6)` and SIGKILLs itself once step 5's row is on disk (its last
+# checkpoint is step 3): what kill -9 of a launch during SFT leaves behind.
+KILLED_CHILD = """
+import os, signal, sys
+from pathlib import Path
+import jax
+from cai_jax import compile_cache
+from cai_jax.models import init_params, tiny_config
+from cai_jax.train import logs
+from tests.test_sft_loop import _examples, _run
+
+compile_cache.enable()
+def kill_at_5(path, row):
+    if row["step"] == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+logs.METRICS_SINKS.append(kill_at_5)
+cfg = tiny_config("llama")
+_run(cfg, jax.device_get(init_params(cfg, jax.random.key(0))), _examples(12), Path(sys.argv[1]), 6)
+"""
+TIMINGS = ("time/", "tokens_per_s", "mfu")
+
+
+def _untimed(workdir) -> list[str]:
+    """metrics.jsonl's rows without timing fields, each re-serialised in its own key order."""
+    return [json.dumps({k: v for k, v in r.items() if not k.startswith(TIMINGS)}) for r in _rows(workdir)]
+
+
+def test_killed_with_sigkill_resumes_to_the_uninterrupted_metrics(cfg, params, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _run(cfg, params, _examples(12), a, 6)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    child = subprocess.run(
+        [sys.executable, "-c", KILLED_CHILD, str(b)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    assert [r["step"] for r in _rows(b)] == [1, 2, 3, 4, 5]
+    assert Checkpointer(CheckpointConfig(directory=str(b / "ckpt"))).all_steps() == [3]
+    _run(cfg, params, _examples(12), b, 6)
+    assert _untimed(b) == _untimed(a)  # before: steps 1, 2, 3, 4, 5, 4, 5, 6
+    assert len(_untimed(a)) == 6 and all(r["tokens_per_s"] > 0 for r in _rows(b))
 
 
 def test_loss_decreases_when_memorising(cfg, params, tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +76,7 @@ def _run(state, data_state, until_step, ckpt=None):
         step = int(state["step"])
         losses[step] = np.asarray(metrics["loss"])
         if ckpt is not None:
-            ckpt.save_if_finite(step, state, data_state, metrics, force=step == TOTAL_STEPS)
+            ckpt.save(step, state, data_state, force=step == TOTAL_STEPS)
     return state, data_state, losses
 
 
@@ -142,17 +141,18 @@ def test_restore_into_abstract_target(tmp_path):
     assert data_state["position"] == 24
 
 
-def test_non_finite_loss_refuses_to_save_and_keeps_last_good(tmp_path):
-    state, _ = _fresh()
+def test_checkpointing_off_saves_and_restores_nothing(tmp_path):
+    state, data_state = _fresh()
+    with Checkpointer(None) as ckpt:
+        assert ckpt.latest_step() is None and ckpt.all_steps() == []
+        assert not ckpt.should_save(3) and not ckpt.save(3, state, data_state, force=True)
+        assert ckpt.describe_latest("iteration") == "none (checkpointing is off)"
+        with pytest.raises(FileNotFoundError, match="no checkpoint"):
+            ckpt.restore()
     with Checkpointer(_cfg(tmp_path)) as ckpt:
-        assert ckpt.save_if_finite(3, state, {"position": 24}, {"loss": jnp.float32(0.5)})
-        with pytest.raises(FloatingPointError, match=r"step 6\b.*Last good checkpoint: step 3"):
-            ckpt.save_if_finite(6, state, {"position": 48}, {"loss": jnp.float32(jnp.nan)})
-        assert ckpt.latest_step() == 3
-    assert not os.path.exists(tmp_path / "ckpt" / "6")
-    with Checkpointer(_cfg(tmp_path)) as ckpt:
-        assert ckpt.latest_step() == 3
-        assert ckpt.restore(target=state)[1] == {"position": 24}
+        assert ckpt.describe_latest() == f"none yet in {tmp_path / 'ckpt'}"
+        ckpt.save(3, state, data_state)
+        assert ckpt.describe_latest("iteration") == f"iteration 3 in {tmp_path / 'ckpt'}"
 
 
 def test_saves_only_on_interval_or_force(tmp_path):

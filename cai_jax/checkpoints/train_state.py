@@ -19,14 +19,17 @@ the cost is that a key comes back as a key only when ``restore`` is given a targ
 Saves are atomic (orbax writes ``<step>.orbax-checkpoint-tmp`` and renames it when complete), so a
 run killed mid-save keeps its previous checkpoint: `latest_step` and `restore` ignore the partial
 folder, and the next save of that step replaces it.
-Typical loop (only loops and ``experiments/`` touch checkpoints)::
+``Checkpointer(None)`` is the same object with checkpointing off (benchmarks, tests): nothing
+is restored or saved. The loop that uses it is `train.fit.fit` (only it and ``experiments/``
+touch checkpoints)::
 
     ckpt = Checkpointer(CheckpointConfig.from_config(cfg.checkpoint))
     if ckpt.latest_step() is not None:
         state, data_state = ckpt.restore(target=jax.eval_shape(init_fn, rng))
     while step < total:
         state, metrics = train_step(state, batch)
-        ckpt.save_if_finite(step, state, data_state, metrics, force=step == total)
+        # ... fetch metrics and check them finite (the loop's job) before saving this state
+        ckpt.save(step, state, data_state, force=step == total)
     ckpt.close()
 """
 
@@ -35,7 +38,6 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import json
-import math
 import os
 from typing import Any
 
@@ -106,10 +108,17 @@ class Checkpointer:
     step), or when orbax sees a preemption signal; the ``keep_last`` most recent are kept. Unlike
     orbax's default policy, the very first step is *not* saved implicitly, so the saved steps are
     predictable from the config.
+
+    ``Checkpointer(None)`` saves and restores nothing: `latest_step` is None, `save` and
+    `should_save` are False (a run that must not write checkpoints, e.g. a benchmark).
     """
 
-    def __init__(self, cfg: CheckpointConfig):
+    def __init__(self, cfg: CheckpointConfig | None):
         self.cfg = cfg
+        self._manager = None
+        if cfg is None:
+            self.directory = None
+            return
         self.directory = os.path.abspath(os.fspath(cfg.directory))
         policy = ocp.checkpoint_managers.AnySavePolicy(
             [
@@ -146,31 +155,12 @@ class Checkpointer:
             json.dumps(dict(data_state))
         except TypeError as e:
             raise TypeError(f"data_state must hold JSON values only (cast numpy scalars to int/float): {e}") from None
-        if int(step) in self._manager.all_steps():
+        if self._manager is None or int(step) in self._manager.all_steps():
             return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(_keys_to_data(state)), data=ocp.args.JsonSave(dict(data_state))
         )
         return bool(self._manager.save(int(step), args=args, force=force))
-
-    def save_if_finite(self, step: int, state: Any, data_state: dict, metrics: dict, *, force: bool = False) -> bool:
-        """`save`, after checking that ``metrics["loss"]`` (and ``grad_norm`` if present) is finite.
-
-        Fetches those scalars to the host (one device sync). On a non-finite value nothing is
-        saved, pending saves are finished, and FloatingPointError names the step and the last good
-        checkpoint, which stays in place for a resume.
-        """
-        if "loss" not in metrics:
-            raise KeyError(f"save_if_finite needs metrics['loss'] (got keys {sorted(metrics)})")
-        checked = {k: float(jax.device_get(metrics[k])) for k in ("loss", "grad_norm") if k in metrics}
-        bad = {k: v for k, v in checked.items() if not math.isfinite(v)}
-        if bad:
-            self.wait()
-            last = self.latest_step()
-            where = f"step {last} in {self.directory}" if last is not None else f"none yet in {self.directory}"
-            found = ", ".join(f"{k}={v}" for k, v in bad.items())
-            raise FloatingPointError(f"non-finite {found} at step {step}; not saved. Last good checkpoint: {where}")
-        return self.save(step, state, data_state, force=force)
 
     def restore(self, step: int | None = None, target: Any = None) -> tuple[Any, dict]:
         """Returns ``(state, data_state)`` saved at `step` (default: the latest).
@@ -208,20 +198,29 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         """The most recent completed checkpoint's step, or None."""
-        return self._manager.latest_step()
+        return None if self._manager is None else self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
         """Steps of the kept checkpoints, ascending."""
-        return sorted(self._manager.all_steps())
+        return [] if self._manager is None else sorted(self._manager.all_steps())
+
+    def describe_latest(self, unit: str = "step") -> str:
+        """The latest checkpoint for an error message: "step 3 in DIR", "none yet in DIR" or "none (off)"."""
+        if self._manager is None:
+            return "none (checkpointing is off)"
+        last = self.latest_step()
+        return f"{unit} {last} in {self.directory}" if last is not None else f"none yet in {self.directory}"
 
     def should_save(self, step: int) -> bool:
         """Whether `save(step, ...)` without force would write (lets a loop skip host-side work)."""
-        return bool(self._manager.should_save(int(step)))
+        return self._manager is not None and bool(self._manager.should_save(int(step)))
 
     def wait(self) -> None:
         """Blocks until any background save is on disk."""
-        self._manager.wait_until_finished()
+        if self._manager is not None:
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Finishes pending saves and releases orbax's threads."""
-        self._manager.close()
+        if self._manager is not None:
+            self._manager.close()

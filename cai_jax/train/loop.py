@@ -1,34 +1,19 @@
-"""Loop plumbing shared by the SFT and PM loops: the one jit of a train step, state shardings, metrics.
+"""Plumbing under the fit loop (`train.fit`): the one jit of a train step, state shardings, batchers.
 
-    shardings = state_shardings(state, param_shardings(model, tokens, mesh), mesh)
-    step = jit_train_step(partial(sft_step, model=m, optimizer=o), shardings, batch_shardings, mesh)
-    logger = MetricsLogger(workdir / "metrics.jsonl")
-    for i in ...:
-        state, metrics = step(state, batch)       # dispatched; the device runs ahead
-        logger.push(i + 1, metrics)               # fetches step i's metrics, not step i + 1's
-    logger.flush()
+    state, shardings, optimizer, mesh = init_train_state(module, params, sample, optim_cfg=ocfg)
+    step = jit_train_step(partial(sft_step, model=module, optimizer=optimizer), shardings,
+                          batch_sharding(mesh), mesh)        # sharded in and out, state donated
+    state, metrics = step(state, batch)
 
-Fetching the previous step's metrics after dispatching the next step keeps the device busy while
-the host converts, checks and writes them (nanodo's pattern).
-
-The SFT and PM trainers share everything after their batcher and step function:
-
-    state, shardings, optimizer, mesh = init_train_state(module, params, sample, optim_cfg=..., ...)
-    step = jit_train_step(partial(step_fn, model=module, optimizer=optimizer), shardings, b_sharding, mesh)
-    state = run_steps(step, state, batcher, shardings=shardings, mesh=mesh, ckpt=ckpt, logger=logger,
-                      num_steps=n, batch_size=b, count_tokens=lambda batch: int(batch["mask"].sum()))
-
-`run_steps` restores the latest checkpoint (train state + batcher position), runs to `num_steps`,
-saves only states whose own metrics were fetched and found finite, and stops with
-FloatingPointError on a non-finite loss, leaving the last good checkpoint in place.
+`state_shardings` splits Adam's moments exactly like their params; `abstract_train_state` is the
+same state as ShapeDtypeStructs (what a planner lowers a step with). `EpochBatcher` is the
+seeded, resumable (epoch, index) position every batcher shares (SFT, PM, PPO's prompt stream).
+`MetricsLogger` and `METRICS_SINKS` live in `train.logs` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -38,20 +23,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cai_jax.checkpoints.train_state import Checkpointer
-from cai_jax.sharding import (
-    DEFAULT_RULES,
-    Rules,
-    abstract_params,
-    global_batch,
-    make_mesh,
-    process_shard,
-    shard_params,
-    sharded_init,
-    with_rules,
-)
+from cai_jax.sharding import DEFAULT_RULES, Rules, abstract_params, make_mesh, shard_params, sharded_init, with_rules
+from cai_jax.train.logs import METRICS_SINKS, MetricsLogger
 from cai_jax.train.state import OptimConfig, Optimizer, TrainState, make_optimizer
-from cai_jax.train.steps import check_finite
 
 __all__ = [
     "jit_train_step",
@@ -62,7 +36,7 @@ __all__ = [
     "Batcher",
     "init_train_state",
     "abstract_train_state",
-    "run_steps",
+    "gather_to_host",
 ]
 
 log = logging.getLogger(__name__)
@@ -134,101 +108,13 @@ def jit_train_step(
     return step
 
 
-# Callables sink(metrics file path, row) that also get every row a MetricsLogger writes (on the
-# process that writes the file): the entry points register optional loggers here, e.g. Weights &
-# Biases (experiments/wandb_log.py), so the loops stay free of them.
-METRICS_SINKS: list[Callable[[str, dict], None]] = []
-
-
-class MetricsLogger:
-    """Appends one JSON object per step to `path`, fetching each step's metrics one step late.
-
-    `push(step, metrics)` stores the new (device) metrics and fetches, checks and writes the ones
-    pushed before, so the host waits on step k only after step k + 1 has been dispatched.
-    `flush()` fetches whatever is pending (call it before a checkpoint and at the end). Every
-    fetched row goes through `check_finite` before it is written, so a non-finite step raises
-    FloatingPointError naming its step; rows before it are on disk.
-
-    `tokens_per_s` is `extra["tokens_in_batch"]` (real tokens) over the wall time between
-    consecutive fetches (the first row's includes compilation). With `flops_per_token` (see
-    `train.flops.model_flops_per_token`) and `peak_flops` (the whole mesh's peak FLOP/s) each row
-    also gets `mfu` = tokens_per_s * flops_per_token / peak_flops. Only process 0 writes the file.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        *,
-        check: bool = True,
-        flops_per_token: float | None = None,
-        peak_flops: float | None = None,
-    ):
-        self.path = os.fspath(path)
-        self.check = check
-        self.flops_per_token = flops_per_token
-        self.peak_flops = peak_flops
-        self._pending: tuple[int, Any, dict] | None = None
-        self._last_fetch = time.perf_counter()
-        self._file = None
-        if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            self._file = open(self.path, "a")  # noqa: SIM115  (kept open across steps; closed in close())
-        self.rows: list[dict] = []  # every row written by this logger, for callers and tests
-
-    def push(self, step: int, metrics: dict, extra: dict | None = None) -> dict | None:
-        """Queues step `step`'s device metrics; returns the previous step's row (or None)."""
-        row = self.flush()
-        self._pending = (int(step), metrics, dict(extra or {}))
-        return row
-
-    def flush(self) -> dict | None:
-        """Fetches, checks and writes the pending step's metrics; returns its row (or None)."""
-        if self._pending is None:
-            return None
-        step, metrics, extra = self._pending
-        self._pending = None
-        host = jax.device_get(metrics)
-        now = time.perf_counter()
-        dt, self._last_fetch = now - self._last_fetch, now
-        row = {"step": step, **{k: float(np.asarray(v)) for k, v in host.items()}}
-        for k, v in extra.items():
-            row[k] = v
-        if "tokens_in_batch" in extra and dt > 0:
-            row["tokens_per_s"] = float(extra["tokens_in_batch"]) / dt
-            if self.flops_per_token and self.peak_flops:
-                row["mfu"] = row["tokens_per_s"] * self.flops_per_token / self.peak_flops
-        if self.check:
-            check_finite(row, step, extra.get("batch_id"))
-        self._write(row)
-        return row
-
-    def _write(self, row: dict) -> None:
-        self.rows.append(row)
-        if self._file is not None:
-            self._file.write(json.dumps(row) + "\n")
-            self._file.flush()
-            for sink in METRICS_SINKS:
-                sink(self.path, row)
-
-    def close(self) -> None:
-        """Drops (does not fetch) anything pending and closes the file."""
-        self._pending = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def __enter__(self) -> MetricsLogger:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 # ---------------------------------------------------------------- batchers
 
 
 class Batcher(Protocol):
-    """What `run_steps` needs of a data source: fixed-shape host batches and a resumable position."""
+    """A host data source (`fit.BatcherSource` feeds it to the loop): fixed-shape batches, a resumable position."""
+
+    batch_size: int  # rows of a global batch
 
     def next(self) -> tuple[dict[str, np.ndarray], str]: ...  # (global batch, batch id)
 
@@ -268,6 +154,15 @@ class EpochBatcher:
         self.index += self.batch_size
         return at
 
+    def _next_items(self, num_items: int) -> tuple[np.ndarray, str]:
+        """One item per row: the next batch's indices in the epoch's order of `num_items` items, and its id.
+
+        Epoch e takes the items in the order `default_rng([seed, e]).permutation(num_items)`.
+        """
+        epoch, index = self._advance()
+        order = np.random.default_rng([self.seed, epoch]).permutation(num_items)
+        return order[index : index + self.batch_size], f"epoch {epoch} index {index}"
+
     def state(self) -> dict:
         """The position as a JSON dict (saved with each checkpoint)."""
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed, **self._state_extra()}
@@ -284,7 +179,7 @@ class EpochBatcher:
         self.epoch, self.index = int(data_state["epoch"]), int(data_state["index"])
 
 
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- the train state
 
 
 def init_train_state(
@@ -340,66 +235,6 @@ def abstract_train_state(
     return state, shardings, optimizer
 
 
-def run_steps(
-    step: Callable,
-    state: TrainState,
-    batcher: Batcher,
-    *,
-    shardings: TrainState,
-    mesh: jax.sharding.Mesh,
-    ckpt: Checkpointer,
-    logger: MetricsLogger,
-    num_steps: int,
-    batch_size: int,
-    count_tokens: Callable[[dict], int],
-    name: str = "train",
-) -> TrainState:
-    """Runs `step` until `state.step == num_steps`, resuming from `ckpt`'s latest checkpoint.
-
-    Each iteration takes the batcher's next global batch, gives this process its rows
-    (`process_shard`), dispatches the step and pushes its metrics to `logger` (fetched one step
-    late, with `tokens_in_batch` = `count_tokens(batch)` and `batch_id`). A state is saved (with
-    the batcher position after its batch) only once its own metrics have been fetched and checked,
-    so a non-finite step raises FloatingPointError before anything after it is saved.
-
-    Args:
-      step: `step(state, batch) -> (state, metrics)` from `jit_train_step` (state donated).
-      state: the initial state (from `init_train_state`); replaced by the checkpoint if one exists.
-      batcher: the data (`Batcher`); restored to the checkpoint's position.
-      shardings: the state's shardings (restore target).
-      mesh: the mesh the batch is placed on.
-      ckpt, logger: where states and metrics go; the caller closes them.
-      num_steps: total steps, counting resumed ones.
-      batch_size: global batch rows.
-      count_tokens: real tokens of a host batch (for tokens/s and MFU).
-      name: for log messages.
-
-    Returns:
-      The final state (the restored one, untrained, if a checkpoint at or beyond `num_steps` exists).
-    """
-    if ckpt.latest_step() is not None:
-        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-        state, data_state = ckpt.restore(target=target)
-        batcher.restore(data_state)
-        log.info("%s: resumed from step %d (%s)", name, int(state.step), data_state)
-    start, last = int(jax.device_get(state.step)), int(num_steps)
-    lo, hi = process_shard(batch_size)
-    for i in range(start, last):
-        host_batch, batch_id = batcher.next()
-        data_state = batcher.state()
-        local = {k: v[lo:hi] for k, v in host_batch.items()}
-        state, metrics = step(state, global_batch(local, mesh))
-        extra = {"tokens_in_batch": int(count_tokens(host_batch)), "batch_id": batch_id}
-        logger.push(i + 1, metrics, extra)  # fetches and checks step i's metrics
-        final = i + 1 == last
-        if final or ckpt.should_save(i + 1):
-            logger.flush()  # never save a state whose own step is unchecked
-            ckpt.save(i + 1, state, data_state, force=final)
-    logger.flush()
-    ckpt.wait()
-    return state
-
-
 def gather_to_host(tree: Any) -> Any:
     """A (possibly sharded, multi-host) pytree as host numpy arrays on every process (for export)."""
     if jax.process_count() > 1:
@@ -407,22 +242,3 @@ def gather_to_host(tree: Any) -> Any:
 
         return multihost_utils.process_allgather(tree, tiled=True)
     return jax.device_get(tree)
-
-
-def open_run(
-    workdir: str | os.PathLike,
-    ckpt_cfg: Any,
-    mesh: jax.sharding.Mesh,
-    flops_per_token: float | None,
-    peak_flops_per_device: float | str | None,
-) -> tuple[Checkpointer, MetricsLogger]:
-    """The checkpointer and `workdir/metrics.jsonl` logger of a loop (MFU when the peak is known)."""
-    from cai_jax.train.flops import resolve_peak_flops
-
-    peak = resolve_peak_flops(peak_flops_per_device)
-    logger = MetricsLogger(
-        os.path.join(workdir, "metrics.jsonl"),
-        flops_per_token=flops_per_token,
-        peak_flops=None if peak is None else peak * mesh.devices.size,
-    )
-    return Checkpointer(ckpt_cfg), logger

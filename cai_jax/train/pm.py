@@ -13,17 +13,18 @@ transcripts) become p_a = 1 comparisons whose prompt is the shared conversation 
 Assistant turn. The PM is a `ScalarModel` trained with `steps.pm_step` (binary cross-entropy of
 sigmoid(r_A - r_B) against p_a, plus optional reward centering).
 
-Training shares `train.loop.run_steps` with SFT: `workdir/metrics.jsonl`, checkpoints with the data
+Training is "a batcher + a step function" on the one fit loop (`train.fit.fit_batches`), as SFT
+is: `workdir/metrics.jsonl` (cut back to the restored step on resume), checkpoints with the data
 position, exact resume, a FloatingPointError on a non-finite loss that leaves the last good
 checkpoint. At the end `workdir/eval.json` gets the held-out accuracy, log-loss, Brier score, ECE
 and reliability bins (`eval.pm.pm_metrics`) and the reward mean/std of the PM's scores over both
 sides of the training comparisons (`eval.pm.reward_stats`), which RL uses to normalise rewards;
 `export_dir` gets the PM artifact (`checkpoints.pm.save_pm`).
 
-How the launcher chains PMP and PM (`train_pmp_then_pm` does exactly this):
+PMP then PM, as `train_pmp_then_pm` chains them:
 
     pmp = train_pm(cfg, lm_params, build_pmp_pairs(questions), workdir=f"{run}/pm/pmp", ...)
-    pm = train_pm(cfg, jax.device_get(pmp.state.params), comparisons, workdir=f"{run}/pm/pm", ...)
+    pm = train_pm(cfg, pmp.state.params, comparisons, workdir=f"{run}/pm/pm", ...)
 
 The first call converts the LM params (drops an untied `lm_head`, initialises a fresh score head);
 the second starts from the PMP `ScalarModel` params {"backbone", "head"} as they are.
@@ -34,9 +35,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import functools
-import json
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -45,27 +44,25 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from cai_jax.checkpoints.train_state import CheckpointConfig
 from cai_jax.models import ModelConfig, ScalarModel
-from cai_jax.sharding import DEFAULT_RULES, MeshConfig, Rules, batch_sharding, global_batch, process_shard, with_rules
+from cai_jax.sharding import DEFAULT_RULES, Rules
+from cai_jax.train.fit import fit_batches
 from cai_jax.train.flops import model_flops_per_token
-from cai_jax.train.loop import gather_to_host, init_train_state, jit_train_step, open_run, run_steps
 from cai_jax.train.pm_data import (
     ComparisonError,
     PMBatcher,
     count_pair_tokens,
     load_comparisons,
     mix_comparisons,
-    pad_pairs,
     tokenize_comparison,
     tokenize_comparisons,
     validate_comparison,
 )
+from cai_jax.train.pm_report import evaluate_pm, export_pm, score_pairs, write_report
 from cai_jax.train.state import OptimConfig, TrainState
-from cai_jax.train.steps import eval_pm_batch, pm_step
+from cai_jax.train.steps import pm_step
 
 __all__ = [
     "ComparisonError",
@@ -123,55 +120,7 @@ def scalar_model_params(params: Any, cfg: ModelConfig, *, seed: int = 0) -> dict
     return out
 
 
-# ---------------------------------------------------------------- scoring and the trainer
-
-
-def score_pairs(
-    params: Any,
-    module: ScalarModel,
-    arrays: Mapping[str, np.ndarray],
-    *,
-    batch_size: int,
-    mesh: jax.sharding.Mesh,
-    rules: Rules = DEFAULT_RULES,
-) -> dict[str, np.ndarray]:
-    """Scores both sides of every pair of `pad_pairs` arrays on `mesh`: {"r_a", "r_b"} float64 [N].
-
-    Batches of `batch_size` pairs (the last one padded with repeats of its first pair, dropped).
-    """
-    fn = _eval_fn(module, mesh)
-    n = arrays["p"].shape[0]
-    lo_p, hi_p = process_shard(batch_size)
-    r_a, r_b = [], []
-    for lo in range(0, n, batch_size):
-        idx = np.arange(lo, min(lo + batch_size, n))
-        idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[0])])
-        local = {k: arrays[k][idx][lo_p:hi_p] for k in ("tokens_a", "mask_a", "tokens_b", "mask_b")}
-        with with_rules(mesh, rules):
-            out = jax.device_get(fn(params, global_batch(local, mesh)))
-        keep = min(batch_size, n - lo)
-        r_a.append(np.asarray(out["r_a"], np.float64)[:keep])
-        r_b.append(np.asarray(out["r_b"], np.float64)[:keep])
-    return {"r_a": np.concatenate(r_a), "r_b": np.concatenate(r_b)}
-
-
-@functools.lru_cache(maxsize=4)
-def _eval_fn(module: ScalarModel, mesh: jax.sharding.Mesh) -> Callable:
-    return jax.jit(functools.partial(eval_pm_batch, model=module), out_shardings=NamedSharding(mesh, P()))
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple, np.ndarray)):
-        return (
-            [_json_safe(v) for v in np.asarray(x).tolist()] if isinstance(x, np.ndarray) else [_json_safe(v) for v in x]
-        )
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(float(x)) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
+# ---------------------------------------------------------------- the trainer
 
 
 @dataclasses.dataclass
@@ -256,10 +205,7 @@ def train_pm(
         checkpoint is the last one saved before it.
     """
     module = ScalarModel(model_cfg)
-    ocfg = optim_cfg if isinstance(optim_cfg, OptimConfig) else OptimConfig.from_config(optim_cfg)
     workdir = os.fspath(workdir)
-    if ckpt_cfg is None:
-        ckpt_cfg = CheckpointConfig(directory=os.path.join(workdir, "checkpoints"), save_every_steps=max(num_steps, 1))
     if pad_id is None:
         from cai_jax.text import pad_id as tokenizer_pad_id
 
@@ -272,46 +218,26 @@ def train_pm(
 
     if params is not None:
         params = scalar_model_params(params, model_cfg, seed=seed)
-    sample = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-    state, shardings, optimizer, mesh = init_train_state(
+    state, mesh = fit_batches(
         module,
         params,
-        sample,
-        optim_cfg=ocfg,
-        mesh_cfg=MeshConfig() if mesh_cfg is None else mesh_cfg,
+        batcher,
+        functools.partial(step_fn, centering=centering),
+        optim_cfg=optim_cfg,
+        ckpt_cfg=ckpt_cfg,
+        mesh_cfg=mesh_cfg,
         rules=rules,
         seed=seed,
-    )
-    del params
-    step = jit_train_step(
-        lambda s, b: step_fn(s, b, model=module, optimizer=optimizer, centering=centering),
-        shardings,
-        batch_sharding(mesh),
-        mesh,
-        rules,
+        num_steps=num_steps,
+        seq_len=seq_len,
+        workdir=workdir,
+        count_tokens=count_pair_tokens,
+        flops_per_token=model_flops_per_token(model_cfg, seq_len, lm_head=False, score_head=True),
+        peak_flops_per_device=peak_flops_per_device,
+        name="PM",
     )
 
-    flops = model_flops_per_token(model_cfg, seq_len, lm_head=False, score_head=True)
-    ckpt, logger = open_run(workdir, ckpt_cfg, mesh, flops, peak_flops_per_device)
-    try:
-        state = run_steps(
-            step,
-            state,
-            batcher,
-            shardings=shardings,
-            mesh=mesh,
-            ckpt=ckpt,
-            logger=logger,
-            num_steps=num_steps,
-            batch_size=batch_size,
-            count_tokens=count_pair_tokens,
-            name="PM",
-        )
-    finally:
-        logger.close()
-        ckpt.close()
-
-    report = _evaluate(
+    report = evaluate_pm(
         state.params,
         module,
         batcher,
@@ -326,65 +252,10 @@ def train_pm(
         n_bins=n_bins,
     )
     report["steps"] = int(jax.device_get(state.step))
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        path = os.path.join(workdir, "eval.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(_json_safe(report), f, indent=2)
-        os.replace(path + ".tmp", path)
+    write_report(report, os.path.join(workdir, "eval.json"))
     if export_dir is not None:
-        _export(state.params, model_cfg, export_dir, tokenizer, report, rendering=rendering, seq_len=seq_len)
+        export_pm(state.params, model_cfg, export_dir, tokenizer, report, rendering=rendering, seq_len=seq_len)
     return PMResult(state, report)
-
-
-def _evaluate(
-    params, module, batcher, eval_pairs, *, batch_size, seq_len, pad_id, mesh, rules, seed, max_pairs, n_bins
-):
-    from cai_jax.eval.pm import pm_metrics, reliability_table, reward_stats
-
-    report: dict[str, Any] = {"train": {"pairs": len(batcher), "truncated_sides": int(batcher.num_truncated)}}
-    report.update(reward_mean=None, reward_std=None, reward_count=0, eval=None, reliability_table=None)
-    n = len(batcher) if max_pairs is None else min(int(max_pairs), len(batcher))
-    if n:
-        idx = np.arange(len(batcher))
-        if n < len(batcher):
-            idx = np.sort(np.random.default_rng([seed, 1]).choice(len(batcher), n, replace=False))
-        arrays = {k: v[idx] for k, v in batcher.arrays.items()}
-        scores = score_pairs(params, module, arrays, batch_size=batch_size, mesh=mesh, rules=rules)
-        stats = reward_stats(np.concatenate([scores["r_a"], scores["r_b"]]))
-        report.update(reward_mean=stats["mean"], reward_std=stats["std"], reward_count=2 * n)
-    if eval_pairs:
-        arrays, cut = pad_pairs(eval_pairs, seq_len, pad_id)
-        scores = score_pairs(params, module, arrays, batch_size=batch_size, mesh=mesh, rules=rules)
-        metrics = pm_metrics(scores["r_a"], scores["r_b"], arrays["p"], n_bins=n_bins)
-        report["eval"] = {**metrics, "truncated_sides": int(cut)}
-        report["reliability_table"] = reliability_table(metrics)
-        log.info(
-            "PM eval: accuracy %.4f, log-loss %.4f, ECE %.4f", metrics["accuracy"], metrics["log_loss"], metrics["ece"]
-        )
-    return report
-
-
-def _export(params, cfg: ModelConfig, folder, tokenizer, report: dict, *, rendering: str, seq_len: int) -> None:
-    """Gathers (possibly sharded, multi-host) params and writes the PM artifact on process 0."""
-    from cai_jax.checkpoints.pm import save_pm
-
-    host = gather_to_host(params)
-    if jax.process_index() == 0:
-        stats = {"mean": report["reward_mean"], "std": report["reward_std"], "count": report["reward_count"]}
-        summary = None
-        if report["eval"] is not None:
-            summary = {k: report["eval"][k] for k in ("n", "accuracy", "log_loss", "brier", "ece")}
-        save_pm(
-            folder,
-            host,
-            cfg,
-            tokenizer=tokenizer,
-            reward_stats=stats,
-            metadata=_json_safe({"steps": report["steps"], "eval": summary}),
-            rendering=rendering,
-            seq_len=seq_len,
-        )
 
 
 def train_pmp_then_pm(

@@ -282,9 +282,8 @@ class PMBatcher(EpochBatcher):
 
     def next(self) -> tuple[dict[str, np.ndarray], str]:
         """The next global batch (host numpy) and its id "epoch E index I"; advances the position."""
-        epoch, index = self._advance()
-        rows = np.random.default_rng([self.seed, epoch]).permutation(len(self))[index : index + self.batch_size]
-        return {k: v[rows] for k, v in self.arrays.items()}, f"epoch {epoch} index {index}"
+        rows, batch_id = self._next_items(len(self))
+        return {k: v[rows] for k, v in self.arrays.items()}, batch_id
 
 
 def count_pair_tokens(batch: Mapping[str, np.ndarray]) -> int:

@@ -8,8 +8,10 @@ Writes `workdir/metrics.jsonl` (one row per step: loss, accuracy, tokens, grad_n
 param_norm, tokens_in_batch, tokens_per_s of real tokens, and mfu on known accelerators) and
 checkpoints (train state + data position). Called again with the same arguments, it resumes from
 the latest checkpoint and continues with exactly the batches and losses an uninterrupted run
-would have had. The checkpoint / resume / metrics / non-finite machinery is `train.loop.run_steps`,
-shared with the PM trainer (`train.pm`).
+would have had, and metrics.jsonl ends as an uninterrupted run's would (rows past the restored
+checkpoint are dropped on resume). SFT is "a batcher + a step function" on the one fit loop
+(`train.fit.fit_batches`), which holds the checkpoint / resume / metrics / non-finite machinery
+shared with the PM and PPO trainers.
 """
 
 from __future__ import annotations
@@ -22,18 +24,18 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cai_jax.checkpoints.train_state import CheckpointConfig
 from cai_jax.models import ModelConfig, Transformer
-from cai_jax.sharding import DEFAULT_RULES, MeshConfig, Rules, batch_sharding
+from cai_jax.sharding import DEFAULT_RULES, Rules
+from cai_jax.train.fit import fit_batches
 from cai_jax.train.flops import model_flops_per_token
-from cai_jax.train.loop import EpochBatcher, gather_to_host, init_train_state, jit_train_step, open_run, run_steps
+from cai_jax.train.loop import EpochBatcher, gather_to_host
 from cai_jax.train.state import OptimConfig, TrainState
 from cai_jax.train.steps import sft_step
 
-__all__ = ["SFTBatcher", "train_sft"]
+__all__ = ["SFTBatcher", "train_sft", "export_params"]
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +212,7 @@ def train_sft(
       mesh_cfg: mesh sizes (default None: `MeshConfig()`, all devices on the data axis).
       num_steps, batch_size, seq_len, seed: run length, global batch rows, padded length, data
         order and state rng seed.
-      workdir: folder for metrics.jsonl (appended to across resumes).
+      workdir: folder for metrics.jsonl (on resume, cut back to the restored step, then appended to).
       rules: logical-axis rules.
       pad_id: token id of padding (masked out, so only its embedding lookup sees it).
       step_fn: `step(state, batch, *, model, optimizer) -> (state, metrics)`; `sft_step` by default.
@@ -231,47 +233,26 @@ def train_sft(
         latest checkpoint is the last one saved before that step.
     """
     module = _as_model(model)
-    ocfg = optim_cfg if isinstance(optim_cfg, OptimConfig) else OptimConfig.from_config(optim_cfg)
-    workdir = os.fspath(workdir)
-    if ckpt_cfg is None:
-        ckpt_cfg = CheckpointConfig(directory=os.path.join(workdir, "checkpoints"), save_every_steps=max(num_steps, 1))
     batcher = SFTBatcher(examples, batch_size=batch_size, seq_len=seq_len, seed=seed, pad_id=pad_id, packing=packing)
-
-    sample = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-    state, shardings, optimizer, mesh = init_train_state(
+    cfg = getattr(module, "cfg", None)
+    state, _ = fit_batches(
         module,
         params,
-        sample,
-        optim_cfg=ocfg,
-        mesh_cfg=MeshConfig() if mesh_cfg is None else mesh_cfg,
+        batcher,
+        step_fn,
+        optim_cfg=optim_cfg,
+        ckpt_cfg=ckpt_cfg,
+        mesh_cfg=mesh_cfg,
         rules=rules,
         seed=seed,
+        num_steps=num_steps,
+        seq_len=seq_len,
+        workdir=os.fspath(workdir),
+        count_tokens=lambda b: int(b["mask"].sum()),
+        flops_per_token=model_flops_per_token(cfg, seq_len) if isinstance(cfg, ModelConfig) else None,
+        peak_flops_per_device=peak_flops_per_device,
+        name="SFT",
     )
-    del params  # now owned by the state, which the first step donates
-    step = jit_train_step(
-        lambda s, b: step_fn(s, b, model=module, optimizer=optimizer), shardings, batch_sharding(mesh), mesh, rules
-    )
-
-    cfg = getattr(module, "cfg", None)
-    flops = model_flops_per_token(cfg, seq_len) if isinstance(cfg, ModelConfig) else None
-    ckpt, logger = open_run(workdir, ckpt_cfg, mesh, flops, peak_flops_per_device)
-    try:
-        state = run_steps(
-            step,
-            state,
-            batcher,
-            shardings=shardings,
-            mesh=mesh,
-            ckpt=ckpt,
-            logger=logger,
-            num_steps=num_steps,
-            batch_size=batch_size,
-            count_tokens=lambda b: int(b["mask"].sum()),
-            name="SFT",
-        )
-    finally:
-        logger.close()
-        ckpt.close()
     if export_dir is not None:
         export_params(state.params, module.cfg, export_dir, tokenizer)
     return state

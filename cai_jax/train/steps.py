@@ -161,13 +161,14 @@ def eval_pm_batch(params, batch: dict, *, model: nn.Module) -> dict[str, jax.Arr
 # ---------------------------------------------------------------- host side
 
 
-def check_finite(metrics: dict, step: int, batch_id=None) -> None:
+def check_finite(metrics: dict, step: int, batch_id=None, *, unit: str = "step") -> None:
     """Host-side guard: raises FloatingPointError when the loss (or the gradient norm) is not finite.
 
     Call it from the loop on fetched metrics; it blocks on the values. The step that produced a
-    non-finite loss has already applied its update, so the loop must not save that state.
+    non-finite loss has already applied its update, so the loop must not save that state. `unit`
+    names what `step` counts in the message ("step"; PPO: "iteration").
     """
-    where = f"step {int(step)}" + ("" if batch_id is None else f" (batch {batch_id})")
+    where = f"{unit} {int(step)}" + ("" if batch_id is None else f" (batch {batch_id})")
     loss = float(np.asarray(metrics["loss"]))
     if not np.isfinite(loss):
         raise FloatingPointError(f"non-finite loss at {where}: loss={loss}")
