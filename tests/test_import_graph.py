@@ -4,7 +4,8 @@ Every import counts, at module level or inside a function (a lazy import that go
 circle all the same). An import of `a.b.c` is an edge to the module `a.b.c` and, because Python
 runs a package's `__init__` before its submodules, to the packages `a.b` and `a` as well, except
 the packages the importing module itself is inside (they are already being imported when it runs:
-a package's `__init__` re-exporting its own modules is not a cycle).
+a package's `__init__` re-exporting its own modules is not a cycle, nor is `from pkg import
+sibling` inside `pkg`).
 """
 
 from __future__ import annotations
@@ -37,8 +38,7 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
         parts = target.split(".")
         for i in range(1, len(parts) + 1):
             candidate = ".".join(parts[:i])
-            parent = i < len(parts)
-            if candidate in known and candidate != name and not (parent and candidate in ancestors):
+            if candidate in known and candidate != name and candidate not in ancestors:
                 out.add(candidate)
 
     for node in ast.walk(tree):

@@ -312,21 +312,19 @@ def test_pmp_then_pm_chain_on_the_shipped_sample(cfg, lm_params, tok, tmp_path):
     from cai_jax.cai.pmp import build_pmp_pairs, shipped_pmp_sample
 
     pmp_rows = build_pmp_pairs(shipped_pmp_sample(), max_pairs_per_question=2)
+    phase = dict(optim_cfg=OptimConfig(lr=1e-3), num_steps=2, batch_size=BATCH)
     pmp, pm = train_pmp_then_pm(
         cfg,
         lm_params,
         pmp_rows,
         _comparisons(8),
-        workdir=tmp_path,
-        pmp_steps=2,
-        pm_steps=2,
-        optim_cfg=OptimConfig(lr=1e-3),
-        export_dir=tmp_path / "export",
-        batch_size=BATCH,
+        pmp=dict(phase, workdir=tmp_path / "pmp", reward_stats_max_pairs=0),
+        pm=dict(
+            phase, workdir=tmp_path / "pm", export_dir=tmp_path / "export", eval_comparisons=_comparisons(4, seed=7)
+        ),
         seq_len=64,
         tokenizer=tok,
         rendering="transcript",
-        eval_comparisons=_comparisons(4, seed=7),
     )
     assert [r["step"] for r in _rows(tmp_path / "pmp")] == [1, 2]
     assert [r["step"] for r in _rows(tmp_path / "pm")] == [1, 2]

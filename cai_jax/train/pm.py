@@ -21,12 +21,13 @@ and reliability bins (`eval.pm.pm_metrics`) and the reward mean/std of the PM's 
 sides of the training comparisons (`eval.pm.reward_stats`), which RL uses to normalise rewards;
 `export_dir` gets the PM artifact (`checkpoints.pm.save_pm`).
 
-PMP then PM, as `train_pmp_then_pm` chains them:
+PMP then PM, as `train_pmp_then_pm` chains them (the pm stage of a run calls it):
 
-    pmp = train_pm(cfg, lm_params, build_pmp_pairs(questions), workdir=f"{run}/pm/pmp", ...)
-    pm = train_pm(cfg, pmp.state.params, comparisons, workdir=f"{run}/pm/pm", ...)
+    pmp, pm = train_pmp_then_pm(cfg, lm_params, build_pmp_pairs(questions), comparisons,
+                                pmp=dict(workdir=f"{run}/pm/pmp", num_steps=..., ...),
+                                pm=dict(workdir=f"{run}/pm", export_dir=f"{run}/pm/export", ...), ...)
 
-The first call converts the LM params (drops an untied `lm_head`, initialises a fresh score head);
+The first phase converts the LM params (drops an untied `lm_head`, initialises a fresh score head);
 the second starts from the PMP `ScalarModel` params {"backbone", "head"} as they are.
 """
 
@@ -264,59 +265,27 @@ def train_pmp_then_pm(
     pmp_pairs: Any,
     comparisons: Any,
     *,
-    workdir: str | os.PathLike,
-    pmp_steps: int,
-    pm_steps: int,
-    optim_cfg: OptimConfig | collections.abc.Mapping,
-    pmp_optim_cfg: OptimConfig | collections.abc.Mapping | None = None,
-    save_every_steps: int | None = None,
-    export_dir: str | os.PathLike | None = None,
+    pmp: Mapping[str, Any] | None,
+    pm: Mapping[str, Any],
     **common: Any,
-) -> tuple[PMResult, PMResult]:
+) -> tuple[PMResult | None, PMResult]:
     """PMP on `pmp_pairs` (hard labels, e.g. `build_pmp_pairs`) from the LM, then PM fine-tuning.
 
-    Stage folders: `workdir/pmp` and `workdir/pm` (each with metrics.jsonl, checkpoints,
-    eval.json). The PM stage starts from the PMP `ScalarModel` params; both resume independently
-    (a finished PMP stage is restored, not retrained). Reward statistics are computed only for
-    the PM stage, whose model is exported to `export_dir`.
+    The PM phase starts from the PMP `ScalarModel` params (or from the LM when `pmp` is None);
+    both phases resume independently (a finished PMP phase is restored, not retrained).
 
     Args:
-      common: the other `train_pm` keyword arguments (batch_size, seq_len, seed, tokenizer,
-        rendering, eval_comparisons, centering, ...), shared by both stages (eval_comparisons
-        only for the PM stage).
+      pmp, pm: each phase's own `train_pm` keyword arguments (`optim_cfg`, `ckpt_cfg`,
+        `num_steps`, `batch_size`, `workdir`, and e.g. `eval_comparisons`, `export_dir`,
+        `reward_stats_max_pairs`, `centering`); `pmp=None` skips pretraining.
+      common: the `train_pm` keyword arguments both phases share (seq_len, seed, tokenizer,
+        rendering, mesh_cfg, pad_id, n_bins, ...).
 
     Returns:
-      (PMP result, PM result).
+      (PMP result or None, PM result).
     """
-    workdir = os.fspath(workdir)
-    eval_comparisons = common.pop("eval_comparisons", None)
-
-    def stage(name: str, steps: int) -> CheckpointConfig:
-        every = save_every_steps or max(steps, 1)
-        return CheckpointConfig(directory=os.path.join(workdir, name, "checkpoints"), save_every_steps=every)
-
-    pmp = train_pm(
-        model_cfg,
-        lm_params,
-        pmp_pairs,
-        optim_cfg=pmp_optim_cfg or optim_cfg,
-        ckpt_cfg=stage("pmp", pmp_steps),
-        num_steps=pmp_steps,
-        workdir=os.path.join(workdir, "pmp"),
-        reward_stats_max_pairs=0,
-        **common,
-    )
-    pmp_params = pmp.state.params  # sharded device arrays: fine on several hosts too
-    pm = train_pm(
-        model_cfg,
-        pmp_params,
-        comparisons,
-        optim_cfg=optim_cfg,
-        ckpt_cfg=stage("pm", pm_steps),
-        num_steps=pm_steps,
-        workdir=os.path.join(workdir, "pm"),
-        eval_comparisons=eval_comparisons,
-        export_dir=export_dir,
-        **common,
-    )
-    return pmp, pm
+    first, params = None, lm_params
+    if pmp is not None:
+        first = train_pm(model_cfg, lm_params, pmp_pairs, **common, **pmp)
+        params = first.state.params  # sharded device arrays: fine on several hosts too
+    return first, train_pm(model_cfg, params, comparisons, **common, **pm)

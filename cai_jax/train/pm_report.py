@@ -14,7 +14,6 @@ Scoring runs on the training mesh (`score_pairs`); the artifact is `checkpoints.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -26,6 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cai_jax import atomic
 from cai_jax.models import ModelConfig, ScalarModel
 from cai_jax.sharding import DEFAULT_RULES, Rules, global_batch, process_shard, with_rules
 from cai_jax.train.loop import gather_to_host
@@ -142,6 +142,4 @@ def write_report(report: dict, path: str) -> None:
     if jax.process_index() != 0:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(json_safe(report), f, indent=2)
-    os.replace(path + ".tmp", path)
+    atomic.write_json(path, json_safe(report), indent=2)

@@ -13,8 +13,6 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-
 from experiments.context import ModelSpec, StageContext, load_base_model, stage_seed
 from experiments.typed import take
 
@@ -99,7 +97,7 @@ def split_by_prompt(rows: list[dict], eval_fraction: float, seed: int) -> tuple[
 def run(ctx: StageContext, cfg: Config) -> dict:
     from cai_jax.cai.feedback import load_comparisons_dataset
     from cai_jax.cai.pmp import build_pmp_pairs, load_pmp_questions, shipped_pmp_sample
-    from cai_jax.train.pm import load_comparisons, mix_comparisons, train_pm
+    from cai_jax.train.pm import load_comparisons, mix_comparisons, train_pmp_then_pm
 
     p, seed = cfg.pm, stage_seed(cfg.seed, "pm")
     lm = load_base_model(ctx, cfg.model, cfg.seed)
@@ -128,28 +126,20 @@ def run(ctx: StageContext, cfg: Config) -> dict:
         pad_id=pad,
         n_bins=cfg.eval.calibration_bins,
     )
-    params, summary = lm.params, {}
+    summary: dict = {}
+    pmp = None
     if p.pmp.enabled:
         source = p.pmp.source
         questions = shipped_pmp_sample() if source == "shipped" else load_pmp_questions(source)
         pairs = build_pmp_pairs(questions, max_pairs_per_question=p.pmp.max_pairs_per_question, seed=seed)
-        pmp = train_pm(
-            lm.config,
-            params,
-            pairs,
+        pmp = dict(
             optim_cfg=p.pmp.optimizer(),
             ckpt_cfg=ctx.checkpoints("pmp"),
             num_steps=p.pmp.num_steps,
             batch_size=min(p.batch_size, len(pairs)),
             workdir=ctx.dir / "pmp",
-            **common,
         )
-        params = jax.device_get(pmp.state.params)
-        summary["pmp"] = {"pairs": len(pairs), "reward_mean": pmp.report["reward_mean"]}
-    result = train_pm(
-        lm.config,
-        params,
-        train_rows,
+    pm = dict(
         optim_cfg=p.optimizer(),
         ckpt_cfg=ctx.checkpoints(),
         num_steps=p.num_steps,
@@ -158,8 +148,12 @@ def run(ctx: StageContext, cfg: Config) -> dict:
         centering=p.centering,
         eval_comparisons=eval_rows or None,
         export_dir=ctx.dir / "export",
-        **common,
     )
+    first, result = train_pmp_then_pm(
+        lm.config, lm.params, pairs if pmp else None, train_rows, pmp=pmp, pm=pm, **common
+    )
+    if first is not None:
+        summary["pmp"] = {"pairs": len(pairs), "reward_mean": first.report["reward_mean"]}
     r = result.report
     summary.update(
         train_pairs=len(train_rows),

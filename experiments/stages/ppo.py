@@ -1,8 +1,8 @@
 """Stage 5, ppo: RL-CAI, PPO of the SL-CAI policy against the PM (paper sec. 4), exporting the
 policy at each snapshot iteration the evals compare (`eval.elo_snapshots`).
 
-The stage trains to each snapshot in turn; `train_ppo` resumes from its own checkpoint, so the
-result equals one uninterrupted run of `num_iterations` (checkpoints are forced at snapshots).
+One `train_ppo` call exports the policy at every snapshot iteration on the way (a checkpoint is
+forced there, so a resumed run never skips an export).
 Writes `ppo/snapshots/iter_<k>`, `ppo/metrics.jsonl` and `ppo/samples.jsonl`.
 """
 
@@ -79,25 +79,22 @@ def run(ctx: StageContext, cfg: Config) -> dict:
     red, _, _ = load_prompt_split(ctx, cfg.prompts, "red_team", cfg.seed)
     helpful, _, _ = load_prompt_split(ctx, cfg.prompts, "helpful", cfg.seed)
     prompts = [p.text for p in red + helpful]
-    for k in cfg.snapshot_iterations():
-        folder = ctx.dir / "snapshots" / f"iter_{k}"
-        if (folder / "config.json").is_file():
-            continue
-        train_ppo(
-            policy,
-            policy,
-            pm,
-            prompts,
-            ppo_cfg=cfg.ppo.settings,
-            optim_cfg=cfg.ppo.optimizer(),
-            ckpt_cfg=ctx.checkpoints(),
-            mesh_cfg=ctx.run.mesh,
-            num_iterations=k,
-            seed=stage_seed(cfg.seed, "ppo"),
-            workdir=ctx.dir,
-            export_dir=folder,
-            rendering=cfg.sft.rendering,
-        )
+    snapshots = {k: ctx.dir / "snapshots" / f"iter_{k}" for k in cfg.snapshot_iterations()}
+    train_ppo(
+        policy,
+        policy,
+        pm,
+        prompts,
+        ppo_cfg=cfg.ppo.settings,
+        optim_cfg=cfg.ppo.optimizer(),
+        ckpt_cfg=ctx.checkpoints(),
+        mesh_cfg=ctx.run.mesh,
+        num_iterations=cfg.ppo.num_iterations,
+        seed=stage_seed(cfg.seed, "ppo"),
+        workdir=ctx.dir,
+        export_at=snapshots,
+        rendering=cfg.sft.rendering,
+    )
     rows = read_jsonl(ctx.dir / "metrics.jsonl")
     last = rows[-1] if rows else {}
     keys = ("objective/scores", "objective/kl", "objective/rlhf_reward", "response/length_mean", "response/no_eos_frac")
