@@ -2,15 +2,14 @@
 
 Researchers often label with a large model served by vLLM (or another server that speaks the
 OpenAI completions protocol) while they train a small one. `HTTPJudge` reads the option log-probs
-the way lm-evaluation-harness's `local-completions` model does: for every (question, option) it
-sends
+from the prompt log-probs such a server echoes: for every (question, option) it sends
 
     POST {url}/v1/completions
     {"prompt": question + option, "echo": true, "logprobs": 1, "max_tokens": 1, "temperature": 0}
 
 and the server answers with the prompt's tokens, their log-probs and character offsets
 (`choices[0].logprobs.tokens`, `.token_logprobs`, `.text_offset`), followed by the one generated
-token (`max_tokens=1`: several servers refuse 0). The option's score is the sum of the log-probs
+token (`max_tokens=1`: vLLM refuses 0). The option's score is the sum of the log-probs
 of its tokens, delimited as follows (`option_span`):
 
 * The generated tokens are the last `usage.completion_tokens` entries (when the server reports
@@ -26,9 +25,9 @@ of its tokens, delimited as follows (`option_span`):
   before it must agree), so every option of one question is scored from the same prefix.
 
 The two judges agree exactly (up to the server's arithmetic) when the question's own tokens are a
-prefix of each question + option encoding, which holds for the " (A)"-style options after "The
-answer is:" with byte-level BPE tokenizers (SmolLM2, Llama 3, Qwen2); tests/test_judge_http.py
-checks it against an in-process `LMJudge` on the embedded model to 1e-4.
+prefix of each question + option encoding, as for the " (A)"-style options after "The answer
+is:" with a byte-level BPE tokenizer that splits words before a space (SmolLM2's);
+tests/test_judge_http.py checks it against an in-process `LMJudge` on the embedded model to 1e-4.
 
 BOS and chat templates: the server tokenises the prompt text itself, adding BOS where its
 tokenizer does (as `LMJudge` does for raw text). With `rendering="chat"` the question text is a
