@@ -66,8 +66,8 @@ def _assert_same_scores(shared, full, k):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral-window"])
 def test_shared_prefix_equals_full_prefix_tiny(family):
-    """Prefixes of 1-40 tokens and options of 1-6 tokens, batches with filler rows; qkv bias
-    (qwen2) and a sliding window shorter than the prefixes (mistral, window 4)."""
+    """Prefixes of 1-40 tokens and options of 1-6 tokens in batches of 1, 4 + 1 and 2 + 2 + 1
+    questions; qkv bias (qwen2) and a sliding window shorter than the prefixes (mistral, window 4)."""
     lm = _tiny(model_type=family.split("-")[0])
     if family == "mistral-window":
         cfg = dataclasses.replace(lm.config, sliding_window=4)
@@ -136,7 +136,7 @@ def test_shared_prefix_equals_full_prefix_on_smollm2(smollm2, k):
     from cai_jax.cai.judge import LMJudge, option_token_ids
 
     questions = _embedded_questions(k)
-    judge = LMJudge(smollm2, batch_size=2)  # two calls, the second with a filler row
+    judge = LMJudge(smollm2, batch_size=2)  # two calls, of two questions and of one
     got = judge.option_logprobs(questions)
     assert got.dtype == np.float64
     ids = [option_token_ids(smollm2.tokenizer, q.text, q.options, bos=False) for q in questions]
