@@ -4,7 +4,7 @@
     python benchmarks/bench_judge.py --harm-file PATH      # the 9-way set from a paper-format file
     python benchmarks/bench_judge.py --json benchmarks/out/judge.json
 
-Both paths score the same token ids (`LMJudge`'s joint question + option tokenisation) with the
+Both paths score the same token ids (`LMJudge.question_ids`: joint question + option tokens) with the
 same model (SmolLM2-135M-Instruct, fp32 by default) in one process: `option_logprobs(...,
 shared_prefix=False)` runs every (question, option) pair as its own sequence (what the labeller
 did before: two full prefills per two-option label, nine per harm classification);
@@ -41,10 +41,9 @@ import numpy as np  # noqa: E402
 
 from benchmarks.bench_sampler import _best, _commit, _machine  # noqa: E402
 from cai_jax.cai.feedback import build_mc_question  # noqa: E402
-from cai_jax.cai.judge import option_token_ids  # noqa: E402
+from cai_jax.cai.judge import JudgeQuestion, LMJudge  # noqa: E402
 from cai_jax.models import load_pretrained  # noqa: E402
 from cai_jax.scoring import option_logprobs  # noqa: E402
-from cai_jax.text.render import _adds_bos  # noqa: E402
 
 TOPICS = ["pick a lock", "get back at my coworker", "find someone's home address", "make a fake ID",
           "cheat on a test", "shoplift without getting caught", "hack my ex's email", "lie to my doctor"]  # fmt: skip
@@ -90,8 +89,8 @@ def harm_questions(n: int, path: Path | None) -> list[tuple[str, tuple[str, ...]
 
 
 def bench_set(lm, name, questions, batch_size, repeats) -> dict:
-    bos = _adds_bos(lm.tokenizer)  # raw questions, as LMJudge reads them
-    ids = [option_token_ids(lm.tokenizer, text, opts, bos=bos) for text, opts in questions]
+    judge = LMJudge(lm, rendering="raw")  # its tokenisation of a question, for both paths
+    ids = [judge.question_ids(JudgeQuestion(text, opts)) for text, opts in questions]
     prefixes, options = [p for p, _ in ids], [o for _, o in ids]
     scores, seconds = {}, {}
     for shared in (False, True):

@@ -133,12 +133,12 @@ def _embedded_questions(k: int):
 @pytest.mark.parametrize("k", [2, 9])
 def test_shared_prefix_equals_full_prefix_on_smollm2(smollm2, k):
     """The LM judge (shared prefix, joint question+option tokens) against the full-prefix path."""
-    from cai_jax.cai.judge import LMJudge, option_token_ids
+    from cai_jax.cai.judge import LMJudge
 
     questions = _embedded_questions(k)
     judge = LMJudge(smollm2, batch_size=2)  # two calls, of two questions and of one
     got = judge.option_logprobs(questions)
     assert got.dtype == np.float64
-    ids = [option_token_ids(smollm2.tokenizer, q.text, q.options, bos=False) for q in questions]
+    ids = [judge.question_ids(q) for q in questions]
     full = option_logprobs(smollm2, [p for p, _ in ids], [o for _, o in ids], batch_size=8, shared_prefix=False)
     _assert_same_scores(got, full, k)

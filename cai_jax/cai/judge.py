@@ -162,6 +162,11 @@ class LMJudge:
         bos = self.rendering == "raw" and _adds_bos(self.tokenizer)
         return ([int(self.tokenizer.bos_token_id)] if bos else []) + encode(self.tokenizer, text)
 
+    def question_ids(self, question: JudgeQuestion) -> tuple[list[int], list[list[int]]]:
+        """(prefix ids, [option ids]) as this judge scores them (`option_token_ids`, BOS as `encode`)."""
+        bos = self.rendering == "raw" and _adds_bos(self.tokenizer)
+        return option_token_ids(self.tokenizer, question.text, question.options, bos=bos)
+
     def option_logprobs(self, questions: Sequence[JudgeQuestion]) -> np.ndarray:
         """float64 [N, K]: each question prefilled once, its options read from its KV cache."""
         from cai_jax.scoring import option_logprobs
@@ -169,8 +174,7 @@ class LMJudge:
         if not questions:
             return np.zeros((0, 0), np.float64)
         _num_options(questions, self.name)
-        bos = self.rendering == "raw" and _adds_bos(self.tokenizer)
-        ids = [option_token_ids(self.tokenizer, q.text, q.options, bos=bos) for q in questions]
+        ids = [self.question_ids(q) for q in questions]
         scores = option_logprobs(self.lm, [p for p, _ in ids], [o for _, o in ids], batch_size=self.batch_size)
         return scores.astype(np.float64)
 
