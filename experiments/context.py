@@ -211,17 +211,21 @@ def load_exported(ctx: StageContext, folder: Path, m: ModelSpec):
 
 
 def load_judge(ctx: StageContext, judge_name: str, m: ModelSpec, seed: int, *, rendering: str, batch_size: int):
-    """The judge named by `feedback_model.name`: "" = the starting model, a model name / folder, or
-    "python:<module>:<callable>" (`cai_jax.cai.judge`); LM judges read `rendering` ("chat" | "raw")."""
-    from cai_jax.cai.judge import PYTHON_PREFIX, LMJudge, load_callable
+    """The judge named by `feedback_model.name` (`cai_jax.cai.judge.load_judge`): "" = the starting
+    model, a model name / folder, "python:<module>:<callable>" or "http://host:port"; LM judges
+    read `rendering` ("chat" | "raw") with the run's dtypes."""
+    from cai_jax.cai.judge import PYTHON_PREFIX
+    from cai_jax.cai.judge import load_judge as make_judge
+    from cai_jax.cai.judge_http import HTTP_PREFIXES
 
     key = ("judge", judge_name, m, seed, rendering, batch_size)
     if key not in ctx.cache:
-        if judge_name.startswith(PYTHON_PREFIX):
-            ctx.cache[key] = load_callable(judge_name)
-        else:
+        lm = None
+        if not judge_name.startswith((PYTHON_PREFIX, *HTTP_PREFIXES)):
             lm = load_base_model(ctx, m, seed, judge_name or None)
-            ctx.cache[key] = LMJudge(lm, rendering=rendering, batch_size=batch_size, name=judge_name or m.name)
+        ctx.cache[key] = make_judge(
+            judge_name or m.name, rendering=rendering, batch_size=batch_size, lm=lm, tokenizer=None
+        )
     return ctx.cache[key]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from cai_jax.eval.judge_report import judge_report_tables, mc_table
 from experiments import findings as F
 from experiments.run_folder import RunData
 from experiments.stats import Estimate
@@ -100,8 +101,17 @@ def run_tables(run: RunData) -> dict[str, Table]:
             ["n", "accuracy [95% Wilson]", "log-loss", "ECE"],
             [[est.n, est.fmt()] + _metrics_cells(result, ("log_loss", "ece"))],
         )
-    for key, table in judge_tables(run.judge_report or {}).items():
-        tables[f"Judge report: {key} (feedback/judge_report.json)"] = table
+    report = run.judge_report or {}
+    kinds = [k for k, v in report.items() if isinstance(v, dict) and "position" in v]
+    for kind in kinds:  # the feedback stage's report (cai_jax/eval/judge_report.py)
+        for key, table in judge_report_tables(report[kind]).items():
+            tables[f"Judge ({kind} labels, {report.get('judge', 'judge')}): {key}"] = table
+    if not kinds:
+        for key, table in judge_tables(report).items():
+            tables[f"Judge report: {key} (feedback/judge_report.json)"] = table
+    mc = run.summary.get("mc") or {}
+    if mc:
+        tables["Judge on the multiple-choice files, in both option orders (swap-debiased)"] = mc_table(mc)
     return tables
 
 

@@ -26,7 +26,8 @@ import pytest
 from cai_jax.cai import feedback as fb
 from cai_jax.cai import revisions as rev
 from cai_jax.cai.constitution import default_constitution
-from cai_jax.cai.feedback import FeedbackSettings, run_feedback
+from cai_jax.cai.feedback import run_feedback
+from cai_jax.cai.feedback_settings import FeedbackSettings
 from cai_jax.cai.judge import CallableJudge
 from cai_jax.cai.prompts import Prompt
 from cai_jax.cai.revisions import RevisionSettings, run_revisions

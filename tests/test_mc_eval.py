@@ -1,9 +1,11 @@
 """Multiple-choice evals in the CAI paper's file format: loading (the real sample files and bad
-rows), hand-checkable accuracy / log-loss / calibration with a fake scorer, both renderings, and
-the embedded SmolLM2 on a few real questions."""
+rows), hand-checkable accuracy / log-loss / calibration and their swap-debiased variants with
+judges of known log-probs (`CallableJudge`), both renderings, and the embedded SmolLM2 on a few
+real questions."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -11,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cai_jax.cai import feedback as fb
+from cai_jax.cai.judge import CallableJudge, LMJudge
 from cai_jax.eval import mc
-from cai_jax.eval.mc import MCEvalError, MCQuestion, calibration, evaluate_mc, load_mc_eval, mc_report
+from cai_jax.eval.mc import MCEvalError, MCQuestion, calibration, evaluate_mc, load_mc_eval, mc_report, swap_options
 from tests.test_feedback import SYSTEM, tiny_lm
 
 SAMPLES = Path("/work/shared/data/cai-paper/evals-sample")
@@ -29,15 +31,17 @@ def lm(smollm2_gguf):
     return tiny_lm()
 
 
-def fake_scores(table: dict[str, list[float]], calls: list | None = None):
-    """A stand-in for `feedback.score_options`: log-probs looked up by the question text's last line."""
+def table_judge(table: dict[str, list[float]], calls: list | None = None, tokenizer=None) -> CallableJudge:
+    """A judge whose option log-probs are looked up by the question text's last line but one."""
 
-    def score_options(lm, texts, options, *, rendering, batch_size):
+    def fn(questions):
         if calls is not None:
-            calls.append((list(texts), [list(o) for o in options], rendering))
-        return np.array([table[t.split("\n")[-2]] for t in texts], np.float32)
+            calls.append(([q.text for q in questions], [list(q.options) for q in questions]))
+        return [table[q.text.split("\n")[-2]] for q in questions]
 
-    return score_options
+    judge = CallableJudge(fn, "table")
+    judge.tokenizer = tokenizer
+    return judge
 
 
 def question(i: int, corrects, incorrects) -> MCQuestion:
@@ -90,7 +94,7 @@ def test_bad_rows_name_file_line_and_field(tmp_path):
 # ---------------------------------------------------------------- metrics
 
 
-def test_accuracy_log_loss_and_calibration_hand_computed(lm, monkeypatch):
+def test_accuracy_log_loss_and_calibration_hand_computed():
     qs = [
         question(0, [" (A)"], [" (B)"]),  # p = .82 on the correct option: right, confidence .82
         question(1, [" (B)"], [" (A)"]),  # p = .93 on the wrong option: wrong, confidence .93
@@ -104,8 +108,7 @@ def test_accuracy_log_loss_and_calibration_hand_computed(lm, monkeypatch):
         "Q3": np.log([0.3, 0.25, 0.45]).tolist(),
     }
     calls = []
-    monkeypatch.setattr(fb, "score_options", fake_scores(table, calls))
-    res = evaluate_mc(lm, qs, rendering="raw", batch_size=4, n_bins=10)
+    res = evaluate_mc(table_judge(table, calls), qs, rendering="raw", n_bins=10)
     assert res["n"] == 4 and res["accuracy"] == 0.5
     assert res["log_loss"] == pytest.approx(-(math.log(0.82) + math.log(0.07) + math.log(0.55) + math.log(0.55)) / 4)
     assert res["mean_p_correct"] == pytest.approx((0.82 + 0.07 + 0.55 + 0.55) / 4)
@@ -115,9 +118,8 @@ def test_accuracy_log_loss_and_calibration_hand_computed(lm, monkeypatch):
     assert [r["chosen"] for r in res["questions"]] == [" (A)", " (A)", " (C)", " (C)"]
     assert res["questions"][2]["probs"] == pytest.approx({" (A)": 0.2, " (B)": 0.25, " (C)": 0.55})
     # One call per option count, with the options in sorted order and the prompt as is.
-    assert sorted(len(o[0]) for _, o, _ in calls) == [2, 3]
-    assert all(r == "raw" for _, _, r in calls)
-    assert sorted(t for texts, _, _ in calls for t in texts) == [q.prompt for q in qs]
+    assert sorted(len(o[0]) for _, o in calls) == [2, 3]
+    assert sorted(t for texts, _ in calls for t in texts) == [q.prompt for q in qs]
     assert res["by_source"]["toy"]["n"] == 4
     assert "| toy | 4 | 0.500 |" in mc_report(res)
 
@@ -131,27 +133,129 @@ def test_calibration_function():
         calibration([], [])
 
 
-def test_chat_rendering_moves_the_answer_cue_into_the_assistant_turn(lm, monkeypatch):
+def test_chat_rendering_moves_the_answer_cue_into_the_assistant_turn(lm):
     calls = []
     q = question(0, [" (A)"], [" (B)"])
-    monkeypatch.setattr(fb, "score_options", fake_scores({"<|im_start|>assistant": [0.0, -1.0]}, calls))
-    res = evaluate_mc(lm, [q], rendering="chat")
-    ((texts, _, rendering),) = calls
-    assert rendering == "chat" and res["accuracy"] == 1.0
+    judge = table_judge({"<|im_start|>assistant": [0.0, -1.0]}, calls, tokenizer=lm.tokenizer)
+    res = evaluate_mc(judge, [q], rendering="chat")
+    ((texts, _),) = calls
+    assert res["accuracy"] == 1.0
     assert texts == [SYSTEM + "<|im_start|>user\nQuestion 0?\nQ0<|im_end|>\n<|im_start|>assistant\nThe answer is:"]
     with pytest.raises(ValueError, match="unknown rendering"):
-        evaluate_mc(lm, [q], rendering="transcript")
+        evaluate_mc(judge, [q], rendering="transcript")
     with pytest.raises(ValueError, match="no questions"):
-        evaluate_mc(lm, [], rendering="raw")
+        evaluate_mc(judge, [], rendering="raw")
+    with pytest.raises(ValueError, match="rendering='chat' needs a judge with a tokenizer; judge table has none"):
+        evaluate_mc(table_judge({}), [q], rendering="chat")
+    with pytest.raises(ValueError, match="rendering='chat' but judge lm renders 'raw'"):
+        evaluate_mc(LMJudge(lm, rendering="raw", name="lm"), [q], rendering="chat")
+
+
+def _biased_judge(bias: float, quality: dict[str, float]) -> CallableJudge:
+    """log-prob of option X = quality of the text shown as X, + `bias` for (A) (the first shown)."""
+
+    def fn(questions):
+        out = []
+        for q in questions:
+            shown = dict(line.strip().split(" ", 1) for line in q.text.split("\n") if line.startswith(" ("))
+            out.append([quality[shown[o.strip()]] + (bias if o == " (A)" else 0.0) for o in q.options])
+        return out
+
+    return CallableJudge(fn, "biased")
+
+
+def _sig(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def test_swap_debiased_accuracy_hand_computed():
+    """A judge that prefers "good" by 1 nat and the first position by 2: plainly it picks (A) on
+    both questions (one wrong); averaged over both orders in log-odds the bias cancels."""
+    qs = [
+        MCQuestion("q:0", "Q?\n (A) good\n (B) bad\nThe answer is:", (" (A)",), (" (B)",), "toy"),
+        MCQuestion("q:1", "Q?\n (A) bad\n (B) good\n\nThe answer is:", (" (B)",), (" (A)",), "toy"),
+        MCQuestion("q:2", "Q?\n (A) bad\n (B) good\n (C) good\nThe answer is:", (" (B)", " (C)"), (" (A)",), "toy"),
+    ]
+    res = evaluate_mc(_biased_judge(2.0, {"good": 0.0, "bad": -1.0}), qs, n_bins=10, debias=True)
+    # Plain: q0 p(A) = sig(3), right; q1 p(A) = sig(1), wrong; q2 (3 options, not swapped):
+    # logits (1, 0, 0), p(A) = e / (e + 2), wrong.
+    p2 = math.e / (math.e + 2)
+    assert res["accuracy"] == pytest.approx(1 / 3)
+    assert res["log_loss"] == pytest.approx((-math.log(_sig(3)) - math.log(_sig(-1)) - math.log(1 - p2)) / 3)
+    # Debiased: q0 d = (3 - 1) / 2 = 1, q1 d = (1 - 3) / 2 = -1: both right at confidence sig(1).
+    deb = res["debiased"]
+    assert deb["n"] == 3 and deb["accuracy"] == pytest.approx(2 / 3)
+    assert deb["log_loss"] == pytest.approx((2 * -math.log(_sig(1)) - math.log(1 - p2)) / 3)
+    assert res["questions"][1]["debiased"]["chosen"] == " (B)"
+    assert res["questions"][1]["debiased"]["confidence"] == pytest.approx(_sig(1))
+    # ECE over bins of .1: sig(1) = .731 (two right) in bin 7, q2's p(A) = .576 (wrong) in bin 5.
+    assert deb["ece"] == pytest.approx((2 * (1 - _sig(1)) + p2) / 3)
+    # Position bias: P((A) | original) + P((A) | swapped) - 1 = sig(3) + sig(1) - 1 for both.
+    pb = res["position_bias"]
+    assert pb["n"] == 2 and pb["mean"] == pytest.approx(_sig(3) + _sig(1) - 1)
+    assert pb["lo"] == pytest.approx(pb["mean"]) and pb["hi"] == pytest.approx(pb["mean"])
+    assert "debiased accuracy" in mc_report(res) and "| all | 3 | 0.333 | " in mc_report(res)
+    # No swap asked: no debiased fields.
+    assert "debiased" not in evaluate_mc(_biased_judge(2.0, {"good": 0.0, "bad": -1.0}), qs)
+
+
+def test_swap_options_exchanges_the_option_texts():
+    q = MCQuestion(
+        "f:3", "Pick.\nOptions:\n (A) [[[one\nline two]]]\n (B) [[[three]]]\n\nThe answer is:", (" (B)",), (" (A)",)
+    )
+    s = swap_options(q)
+    assert s.prompt == "Pick.\nOptions:\n (A) [[[three]]]\n (B) [[[one\nline two]]]\n\nThe answer is:"
+    assert s.corrects == (" (A)",) and s.incorrects == (" (B)",) and swap_options(s) == q
+    with pytest.raises(MCEvalError, match="f:3: the prompt has no"):
+        swap_options(dataclasses.replace(q, prompt="Pick (A) or (B).\nThe answer is:"))
+    with pytest.raises(MCEvalError, match="only questions with options"):
+        swap_options(question(0, [" (C)"], [" (A)", " (B)"]))
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_sample_files_with_a_judge_of_known_log_probs(name):
+    """Option k gets log-prob -k whatever the question: every confidence is p(A) = 1 / sum_k e^-k,
+    so accuracy is the share of rows whose correct option is (A) and ECE = |p(A) - accuracy|."""
+    path = SAMPLES / name
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    judge = CallableJudge(lambda qs: [[-float(k) for k in range(len(q.options))] for q in qs], "by-letter")
+    res = evaluate_mc(judge, load_mc_eval(path), debias=FILES[name] == 2)
+    k = FILES[name]
+    log_z = math.log(sum(math.exp(-j) for j in range(k)))
+    acc = sum(r["corrects"] == [" (A)"] for r in rows) / len(rows)
+    letter = lambda o: ord(o.strip()[1]) - ord("A")  # noqa: E731
+    loss = sum(-math.log(sum(math.exp(-letter(o) - log_z) for o in r["corrects"])) for r in rows) / len(rows)
+    assert res["n"] == len(rows) and res["accuracy"] == pytest.approx(acc)
+    assert res["log_loss"] == pytest.approx(loss)
+    assert res["ece"] == pytest.approx(abs(math.exp(-log_z) - acc))
+    if k == 2:
+        # A pure position preference: debiased, every question is a coin flip (argmax picks (A)).
+        deb = res["debiased"]
+        assert deb["accuracy"] == pytest.approx(acc) and deb["log_loss"] == pytest.approx(math.log(2))
+        assert deb["ece"] == pytest.approx(abs(0.5 - acc))
+        assert res["position_bias"]["mean"] == pytest.approx(2 * _sig(1) - 1)
+        for q in load_mc_eval(path):
+            assert swap_options(swap_options(q)) == q
 
 
 def test_sample_files_with_the_tiny_model(lm):
-    """The real scorer on the first question of each two-option file (tiny random model)."""
+    """The real scorer on the first question of each two-option file (tiny random model, wrapped in
+    an LMJudge): the same numbers as that judge's option log-probs give by hand."""
+    path = SAMPLES / sorted(FILES)[0]
+    if not path.exists():
+        pytest.skip(f"{path} not present")
     qs = [load_mc_eval(SAMPLES / name)[0] for name in sorted(FILES)[:2]]
     res = evaluate_mc(lm, qs, rendering="raw", batch_size=8)
     assert res["n"] == 2 and len(res["by_source"]) == 2
-    for r in res["questions"]:
-        assert sum(r["probs"].values()) == pytest.approx(1.0) and r["log_loss"] > 0
+    from cai_jax.cai.judge import JudgeQuestion
+
+    logp = LMJudge(lm).option_logprobs([JudgeQuestion(q.prompt, q.options) for q in qs])
+    for r, q, lp in zip(res["questions"], qs, logp):
+        p = np.exp(lp - np.logaddexp.reduce(lp))
+        assert [r["probs"][o] for o in q.options] == pytest.approx(p.tolist(), abs=1e-12)
+        assert r["log_loss"] == pytest.approx(-math.log(p[q.options.index(q.corrects[0])]))
 
 
 @pytest.mark.slow

@@ -27,13 +27,7 @@ import numpy as np
 
 from cai_jax.cai.constitution import Constitution
 from cai_jax.cai.feedback_labels import as_judge, check_constitution, draw_principles, label_pairs, select_few_shots
-from cai_jax.cai.feedback_question import (
-    ANSWER_CUE,
-    _check_rendering,
-    chat_question,
-    conversation_messages,
-    score_options,
-)
+from cai_jax.cai.feedback_question import conversation_messages
 from cai_jax.cai.feedback_settings import FeedbackSettings
 from cai_jax.cai.judge import LMJudge
 from cai_jax.cai.prompts import Prompt
@@ -48,14 +42,6 @@ __all__ = [
     "prompt_messages",
     "run_feedback",
     "sample_pairs",
-    # Imported from here by the launcher (experiments/) and eval/mc.py; their homes are
-    # feedback_settings, feedback_labels and feedback_question.
-    "ANSWER_CUE",
-    "FeedbackSettings",
-    "_check_rendering",
-    "chat_question",
-    "label_pairs",
-    "score_options",
 ]
 
 RESPONSE_STOPS = ("\n\nHuman:",)  # raw policy rendering: the next human turn ends a response

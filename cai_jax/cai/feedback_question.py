@@ -34,7 +34,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from cai_jax.cai.constitution import FeedbackFewShot
-from cai_jax.cai.judge import JudgeQuestion, LMJudge
 from cai_jax.text import render_chat, render_transcript, validate_messages
 
 __all__ = [
@@ -47,7 +46,6 @@ __all__ = [
     "chat_question",
     "conversation_messages",
     "cot_answer_prefix",
-    "score_options",
 ]
 
 HEADER = "Consider the following conversation between a human and an assistant:"
@@ -138,10 +136,3 @@ def chat_question(tokenizer: Any, question: str, cue: str = ANSWER_CUE) -> str:
     body = text[: -len(cue)] if text.endswith(cue) else text
     opening = cue if text.endswith(cue) else ""
     return render_chat(tokenizer, [{"role": "user", "content": body.strip()}], add_generation_prompt=True) + opening
-
-
-def score_options(lm: Any, texts: Sequence[str], options: Sequence[Sequence[str]], *, rendering: str, batch_size: int):
-    """Total log-prob of each option string after each question text, by `LMJudge`: [N, num_options]."""
-    _check_rendering(rendering)
-    judge = LMJudge(lm, rendering=rendering, batch_size=batch_size)
-    return judge.option_logprobs([JudgeQuestion(t, tuple(o)) for t, o in zip(texts, options)])

@@ -13,6 +13,10 @@ log-probability of each option string (" (A)", " (B)", ...) as the continuation 
 * `CallableJudge`: any Python callable, named in a config as `feedback_model.name =
   "python:<module>:<callable>"`. Researchers use it for rule-based principles; the tests use it
   for a judge whose preference is known.
+* `HTTPJudge` (`cai_jax.cai.judge_http`): an OpenAI-compatible completions server (vLLM, ...)
+  named as `feedback_model.name = "http://host:port"`, read through prompt log-probs with `echo`.
+
+`load_judge(name, ...)` picks the kind from the name.
 
 The callable contract (`CallableJudge`):
 
@@ -48,6 +52,7 @@ __all__ = [
     "LMJudge",
     "PYTHON_PREFIX",
     "load_callable",
+    "load_judge",
     "option_token_ids",
 ]
 
@@ -137,7 +142,7 @@ class LMJudge:
       lm: a `LoadedModel`.
       rendering: "raw" (BOS first where the tokenizer adds it to plain text) or "chat" (the
         question text is already a rendered chat, its special tokens included).
-      batch_size: scored sequences per device call.
+      batch_size: questions per device call (all of a question's options go in the same call).
       name: how errors and reports name the judge.
     """
 
@@ -157,20 +162,21 @@ class LMJudge:
         bos = self.rendering == "raw" and _adds_bos(self.tokenizer)
         return ([int(self.tokenizer.bos_token_id)] if bos else []) + encode(self.tokenizer, text)
 
+    def question_ids(self, question: JudgeQuestion) -> tuple[list[int], list[list[int]]]:
+        """(prefix ids, [option ids]) as this judge scores them (`option_token_ids`, BOS as `encode`)."""
+        bos = self.rendering == "raw" and _adds_bos(self.tokenizer)
+        return option_token_ids(self.tokenizer, question.text, question.options, bos=bos)
+
     def option_logprobs(self, questions: Sequence[JudgeQuestion]) -> np.ndarray:
-        from cai_jax.scoring import score_continuations
+        """float64 [N, K]: each question prefilled once, its options read from its KV cache."""
+        from cai_jax.scoring import option_logprobs
 
         if not questions:
             return np.zeros((0, 0), np.float64)
-        k = _num_options(questions, self.name)
-        bos = self.rendering == "raw" and _adds_bos(self.tokenizer)
-        prefixes, continuations = [], []
-        for q in questions:
-            prefix, tails = option_token_ids(self.tokenizer, q.text, q.options, bos=bos)
-            prefixes += [prefix] * k
-            continuations += tails
-        scores = score_continuations(self.lm, prefixes, continuations, batch_size=self.batch_size)
-        return scores.total.astype(np.float64).reshape(len(questions), k)
+        _num_options(questions, self.name)
+        ids = [self.question_ids(q) for q in questions]
+        scores = option_logprobs(self.lm, [p for p, _ in ids], [o for _, o in ids], batch_size=self.batch_size)
+        return scores.astype(np.float64)
 
 
 class CallableJudge:
@@ -229,3 +235,45 @@ def load_callable(spec: str) -> CallableJudge:
     if not callable(fn):
         raise JudgeError(f"judge {spec!r}: {module_name}.{attr} is not a callable")
     return CallableJudge(fn, spec)
+
+
+def load_judge(
+    name: str,
+    *,
+    rendering: str = "raw",
+    batch_size: int = 16,
+    lm: Any = None,
+    load_model: Callable[[str], Any] | None = None,
+    tokenizer: Any = None,
+    http: dict | None = None,
+) -> Judge:
+    """The judge a `feedback_model.name` names.
+
+    Args:
+      name: "python:<module>:<callable>" (`CallableJudge`), "http://host:port" or "https://..."
+        (`HTTPJudge`), or anything `load_model` takes (a preset name, a folder, a .gguf file:
+        `LMJudge`).
+      rendering: how questions are rendered ("raw" or "chat"), for `LMJudge`'s BOS rule.
+      batch_size: questions per device call (`LMJudge`).
+      lm: an already loaded model for `name` (`LMJudge`; skips loading).
+      load_model: name -> `LoadedModel` (default `cai_jax.models.load_pretrained`).
+      tokenizer: the served model's tokenizer, for chat questions (`HTTPJudge`).
+      http: `HTTPJudge` keywords (model, timeout, retries, backoff, concurrency).
+
+    Raises:
+      JudgeError: naming the judge (bad spec, unknown keywords).
+    """
+    from cai_jax.cai.judge_http import HTTP_PREFIXES, HTTPJudge
+
+    if name.startswith(PYTHON_PREFIX):
+        return load_callable(name)
+    if name.startswith(HTTP_PREFIXES):
+        try:
+            return HTTPJudge(name, tokenizer=tokenizer, **(http or {}))
+        except TypeError as e:
+            raise JudgeError(f"judge {name}: {e}") from None
+    if lm is None:
+        if load_model is None:
+            from cai_jax.models import load_pretrained as load_model
+        lm = load_model(name)
+    return LMJudge(lm, rendering=rendering, batch_size=batch_size, name=name)

@@ -388,6 +388,7 @@ class Transformer(nn.Module):
         kv_mask_BS: jax.Array,
         kv_positions_BS: jax.Array | None = None,
         last_only: bool = False,
+        attn_mask_TS: jax.Array | None = None,
     ) -> tuple[jax.Array, Cache]:
         """Forward T new tokens against a KV cache.
 
@@ -399,6 +400,9 @@ class Transformer(nn.Module):
           kv_mask_BS: which cache slots hold real tokens, *including* the T being written.
           kv_positions_BS: positions of the cache slots (only needed for sliding windows).
           last_only: compute logits for the last of the T tokens only (prefill), [B, 1, V].
+          attn_mask_TS: an extra [T, S] mask ANDed with the causal and slot masks (shared-prefix
+            option scoring: several continuations written side by side after one prefix, each
+            attending to the prefix and to itself only).
 
         Returns:
           (float32 logits [B, T, V], updated cache).
@@ -408,6 +412,8 @@ class Transformer(nn.Module):
         slots_S = jnp.arange(s)
         causal_TS = slots_S[None, :] <= cache_index + jnp.arange(t)[:, None]
         mask_BTS = causal_TS[None] & kv_mask_BS.astype(bool)[:, None, :]
+        if attn_mask_TS is not None:
+            mask_BTS = mask_BTS & attn_mask_TS[None]
         if self.cfg.sliding_window is not None:
             mask_BTS = _window(mask_BTS, positions_BT, kv_positions_BS, self.cfg.sliding_window)
         x = self.embed_tokens(tokens_BT).astype(self.cfg.jnp_activation_dtype)

@@ -183,7 +183,7 @@ def elo_table(ctx: StageContext, cfg: Config, kind: str, prompts: list[str], res
     intervals come from a bootstrap over prompts (every model pair is judged on each prompt, so
     those comparisons are not independent).
     """
-    from cai_jax.cai.feedback import label_pairs
+    from cai_jax.cai.feedback_labels import label_pairs
     from cai_jax.eval.elo import elo_scores
 
     if kind == "harmlessness":
@@ -302,10 +302,15 @@ def run(ctx: StageContext, cfg: Config) -> dict:
                     questions = questions[: e.mc_max_questions]
                 settings = cfg.settings()
                 mc_judge = judge(ctx, cfg.judged, settings)
-                if not hasattr(mc_judge, "lm"):
-                    raise ValueError(f"eval.mc_files: the judge {mc_judge.name} is not a language model")
-                result = evaluate_mc(mc_judge.lm, questions, rendering=settings.rendering, n_bins=e.calibration_bins)
-                out[Path(path).name] = {k: v for k, v in result.items() if k not in ("questions", "by_source")}
+                # debias: binary questions are also asked with the options swapped (position bias).
+                result = evaluate_mc(
+                    mc_judge, questions, rendering=settings.rendering, n_bins=e.calibration_bins, debias=True
+                )
+                drop = ("questions", "by_source")
+                summary_mc = {k: v for k, v in result.items() if k not in drop}
+                if "debiased" in summary_mc:
+                    summary_mc["debiased"] = {k: v for k, v in summary_mc["debiased"].items() if k not in drop}
+                out[Path(path).name] = summary_mc
             return out
 
         summary["mc"] = _part(ctx, "mc", mc)

@@ -4,6 +4,9 @@ better under sampled principles (RL-CAI's AI feedback, paper sec. 4.1).
 Red-team prompts are labelled under the constitution's feedback principles (`feedback/comparisons`);
 with `label_helpful`, helpful prompts under the helpfulness questions (`feedback/helpful`), the
 helpfulness half of the PM's data. Both are resumable JSONL shards (`cai_jax.cai.feedback`).
+`feedback/judge_report.json` says how biased, consistent and calibrated the judge was on each
+(position bias, flip rate, length preference, principle agreement, label distribution, per
+principle: `cai_jax.eval.judge_report`).
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ class Feedback:
 
     def settings(self, *, policy_rendering: str, **overrides):
         """The labeller's `FeedbackSettings` (label -> hard / cot / clamp)."""
-        from cai_jax.cai.feedback import FeedbackSettings
+        from cai_jax.cai.feedback_settings import FeedbackSettings
 
         cot = self.label == "cot"
         fields = dict(
@@ -142,7 +145,9 @@ def label_summary(ds) -> dict:
 
 
 def run(ctx: StageContext, cfg: Config) -> dict:
+    from cai_jax import atomic
     from cai_jax.cai.feedback import load_comparisons_dataset, run_feedback
+    from cai_jax.eval.judge_report import judge_report
 
     f = cfg.feedback
     settings = cfg.settings()
@@ -154,12 +159,26 @@ def run(ctx: StageContext, cfg: Config) -> dict:
     constitution = load_constitution_file(cfg.constitution)
     seed = stage_seed(cfg.seed, "feedback")
     run_feedback(policy, labeller, prompts, constitution, ctx.dir / "comparisons", seed=seed, **common)
-    summary = label_summary(load_comparisons_dataset(ctx.dir / "comparisons"))
+    red_rows = load_comparisons_dataset(ctx.dir / "comparisons")
+    summary = label_summary(red_rows)
+    reports = {"harmlessness": judge_report(red_rows.to_list())}
     if f.label_helpful:
         help_train, _, _ = load_prompt_split(ctx, cfg.prompts, "helpful", cfg.seed)
         helpful = help_train[: f.num_helpful_prompts] if f.num_helpful_prompts else help_train
         questions = load_constitution_file(f.helpful_constitution, helpful=True)
         seed = stage_seed(cfg.seed, "feedback_helpful")
         run_feedback(policy, labeller, helpful, questions, ctx.dir / "helpful", seed=seed, **common)
-        summary["helpful"] = label_summary(load_comparisons_dataset(ctx.dir / "helpful"))
+        help_rows = load_comparisons_dataset(ctx.dir / "helpful")
+        summary["helpful"] = label_summary(help_rows)
+        reports["helpfulness"] = judge_report(help_rows.to_list())
+    # How biased, consistent and calibrated the judge was (cai_jax/eval/judge_report.py), per kind.
+    atomic.write_json(ctx.dir / "judge_report.json", {"judge": labeller.name, **reports}, indent=1, allow_nan=False)
+    summary["judge"] = {
+        kind: {
+            "position_bias": (r["position"]["bias"] or {}).get("mean"),
+            "flip_rate": r["position"]["flip_rate"],
+            "length_correlation": r["length"]["correlation"],
+        }
+        for kind, r in reports.items()
+    }
     return summary
