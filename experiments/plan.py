@@ -187,7 +187,8 @@ def main(argv=None) -> int:
         return 2
 
     from cai_jax.planning import traced_for
-    from experiments.plan_stages import PLANNERS, PlanContext
+    from experiments.plan_kit import PlanContext
+    from experiments.plan_stages import PLANNERS
 
     platform = platform or kind.platform  # trace the program the device kind would run
     ctx = PlanContext(configs, mesh, base, feedback, int(args.prompt_tokens))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cai_jax import atomic
-from experiments import figures
+from experiments import figures, markdown
 from experiments import findings as F
 from experiments import tables as T
 from experiments.explorer import write_explorer
@@ -114,7 +114,7 @@ def write_run_report(workdir: Path) -> dict:
             notes.append(f"Stage {name} was resumed after an interruption; its time counts the last attempt only.")
     notes += run.summary.get("notes", [])
     notes.append(INTERVAL_NOTE)
-    figures.write_report(
+    markdown.write_report(
         workdir / "report.md",
         config=run.config,
         stage_timings=stage_timings,
@@ -191,11 +191,11 @@ def sweep_report(root: Path, runs: list[tuple[str, Any]], kind: str | None) -> P
                     row[f"{model} {k}"] = v
         table_rows[name] = row
     tables = {
-        "Runs of the sweep (PM held-out metrics and mean PM scores of each model)": figures.label_ablation_table(
+        "Runs of the sweep (PM held-out metrics and mean PM scores of each model)": markdown.label_ablation_table(
             table_rows
         )
     }
-    return figures.write_report(
+    return markdown.write_report(
         root / "sweep_report.md",
         config={"runs": [name for name, _ in runs], "figure": kind},
         stage_timings={},

@@ -15,9 +15,8 @@ from experiments.figures import (
     fig_principles,
     fig_revisions,
     fig_rl_training,
-    label_ablation_table,
-    write_report,
 )
+from experiments.markdown import label_ablation_table, write_report
 
 NAN = float("nan")
 

@@ -99,7 +99,7 @@ def test_unswapped_single_member_run_and_json():
     assert rep["mc"]["HarmfulVsEthical.jsonl"]["debiased"]["accuracy"] == 0.75
     assert json.loads(json.dumps(rep, allow_nan=False)) == rep  # plain JSON, no NaN
     md = judge_report_markdown(rep)
-    assert "| position bias | - |" in md and "| harm | 4 | 0.750 | - | - |" in md
+    assert "| position bias [95% normal] | - |" in md and "| harm | 4 | 0.750 | - | - |" in md
     assert "| HarmfulVsEthical.jsonl | 4 | 0.500 | 0.7000 | 0.1000 | 0.750 |" in md
 
 
@@ -111,7 +111,7 @@ def _mc_result() -> dict:
 def test_markdown_of_a_swapped_ensemble():
     md = judge_report_markdown(judge_report(ROWS))
     half = Z95 * math.sqrt(0.06 / 3) / 2
-    assert f"| position bias | +0.200 [{0.2 - half:+.3f}, {0.2 + half:+.3f}] |" in md
+    assert f"| position bias [95% normal] | +0.200 [{0.2 - half:+.3f}, {0.2 + half:+.3f}] |" in md
     assert "| flip rate | 0.375 (3 of 8) |" in md and "| principle agreement | 0.500 (of 4 pairs) |" in md
     assert md.count("\n| harm | 4 |") == 1 and md.count("\n| honest | 4 |") == 1
 

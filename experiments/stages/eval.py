@@ -87,12 +87,17 @@ class Config:
 KIND_SEEDS = {"harmlessness": 0, "helpfulness": 1}
 
 
-def _part(ctx: StageContext, name: str, fn) -> Any:
-    """`fn()`'s result, kept in `eval/parts/<name>.json` so a killed eval resumes at the part it was in."""
+def _part(ctx: StageContext, name: str, fn, bar=None, steps: int = 1) -> Any:
+    """`fn()`'s result, kept in `eval/parts/<name>.json` so a killed eval resumes at the part it was in.
+
+    `fn` ticks `bar` `steps` times as it works (per generate / score call); a part read back ticks
+    them at once."""
     from cai_jax.jobs import cached_json
 
     path = ctx.dir / "parts" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and bar is not None:
+        bar.tick(steps)
     return cached_json(path, fn, indent=1, default=_json_default)
 
 
@@ -156,7 +161,7 @@ def snapshot_models(ctx: StageContext) -> list[dict]:
     return models
 
 
-def generate_responses(ctx: StageContext, cfg: Config, model: dict, prompts: dict) -> dict[str, list[str]]:
+def generate_responses(ctx: StageContext, cfg: Config, model: dict, prompts: dict, bar) -> dict[str, list[str]]:
     from cai_jax.sampling import generate
     from cai_jax.text import encode_prompt
 
@@ -172,6 +177,7 @@ def generate_responses(ctx: StageContext, cfg: Config, model: dict, prompts: dic
         key = jax.random.fold_in(jax.random.key(cfg.seed_eval), KIND_SEEDS[kind])
         sample = generate(lm, ids, rng=key, max_new_tokens=e.max_new_tokens, temperature=e.temperature, truncate=True)
         out[kind] = [t.strip() for t in sample.texts(lm.tokenizer)]
+        bar.tick()
     return out
 
 
@@ -259,10 +265,17 @@ def run(ctx: StageContext, cfg: Config) -> dict:
     prompts = {"harmlessness": [p.text for p in red_eval[:n]], "helpfulness": [p.text for p in help_eval[:n]]}
     models = snapshot_models(ctx)
     summary["models"] = [{"name": m["name"], "ppo_step": m["ppo_step"]} for m in models]
+    # One tick per generate call (a model's answers to one kind of prompt), PM scoring of one
+    # model's answers, Elo table and MC file, with its rate and ETA.
+    from cai_jax.jobs import Progress
+
+    kinds = len(prompts)
+    calls = len(models) * kinds * (2 if pm is not None else 1) + (kinds if len(models) >= 2 else 0) + len(e.mc_files)
+    bar = Progress(calls, desc="eval", unit="call", enabled=ctx.run.log.progress)
     responses = {}
     for m in models:
         responses[m["name"]] = _part(
-            ctx, f"responses-{m['name']}", lambda m=m: generate_responses(ctx, cfg, m, prompts)
+            ctx, f"responses-{m['name']}", lambda m=m: generate_responses(ctx, cfg, m, prompts, bar), bar, kinds
         )
     tokenizer = load_base_model(ctx, cfg.judged.model, cfg.judged.seed).tokenizer
     summary["goodhart"] = {
@@ -278,18 +291,19 @@ def run(ctx: StageContext, cfg: Config) -> dict:
                 for kind, texts in r.items():
                     mean, err = _mean_stderr(pm_scores(pm, prompts[kind], texts))
                     out[name][kind], out[name][f"{kind}_stderr"] = mean, err
+                    bar.tick()
             return out
 
-        summary["pm_scores"] = _part(ctx, "pm_scores", score_all)
+        summary["pm_scores"] = _part(ctx, "pm_scores", score_all, bar, len(models) * kinds)
     if len(models) >= 2:
+
+        def elo(kind):
+            table = elo_table(ctx, cfg, kind, prompts[kind], {k: v[kind] for k, v in responses.items()})
+            bar.tick()
+            return table
+
         summary["elo"] = {
-            kind: _part(
-                ctx,
-                f"elo-{kind}",
-                lambda kind=kind: elo_table(ctx, cfg, kind, prompts[kind], {k: v[kind] for k, v in responses.items()}),
-            )
-            for kind in prompts
-            if prompts[kind]
+            kind: _part(ctx, f"elo-{kind}", lambda kind=kind: elo(kind), bar) for kind in prompts if prompts[kind]
         }
     if e.mc_files:
         from cai_jax.eval.mc import evaluate_mc, load_mc_eval
@@ -311,12 +325,14 @@ def run(ctx: StageContext, cfg: Config) -> dict:
                 if "debiased" in summary_mc:
                     summary_mc["debiased"] = {k: v for k, v in summary_mc["debiased"].items() if k not in drop}
                 out[Path(path).name] = summary_mc
+                bar.tick()
             return out
 
-        summary["mc"] = _part(ctx, "mc", mc)
+        summary["mc"] = _part(ctx, "mc", mc, bar, len(e.mc_files))
     pm_eval = ctx.dep("pm") / "eval.json"
     pm_report = json.loads(pm_eval.read_text()) if ctx.has("pm") and pm_eval.is_file() else {}
     summary["pm_calibration"] = (pm_report.get("eval") or {}).get("bins")
     summary["ppo_curve"] = ppo_curve(ctx) if ctx.has("ppo") else None
+    bar.close()
     write_json(ctx.dir / "summary.json", summary)
     return {"models": [m["name"] for m in models], "parts": sorted(p.stem for p in (ctx.dir / "parts").glob("*.json"))}
