@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from cai_jax.cai import feedback as fb
+from cai_jax.cai import feedback_probs as fb
 from cai_jax.cai.judge import CallableJudge, JudgeError, JudgeQuestion, LMJudge, load_judge
 from cai_jax.cai.judge_http import HTTPJudge, option_span
 from tests.judge_server import Faults, make_server
