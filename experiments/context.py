@@ -215,8 +215,8 @@ def load_judge(ctx: StageContext, judge_name: str, m: ModelSpec, seed: int, *, r
     model, a model name / folder, "python:<module>:<callable>" or "http://host:port"; LM judges
     read `rendering` ("chat" | "raw") with the run's dtypes."""
     from cai_jax.cai.judge import PYTHON_PREFIX
-    from cai_jax.cai.judge import load_judge as make_judge
     from cai_jax.cai.judge_http import HTTP_PREFIXES
+    from cai_jax.cai.judge_loading import load_judge as make_judge
 
     key = ("judge", judge_name, m, seed, rendering, batch_size)
     if key not in ctx.cache:

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from cai_jax.cai import feedback_probs as fb
-from cai_jax.cai.judge import CallableJudge, JudgeError, JudgeQuestion, LMJudge, load_judge
+from cai_jax.cai.judge import CallableJudge, JudgeError, JudgeQuestion, LMJudge
 from cai_jax.cai.judge_http import HTTPJudge, option_span
+from cai_jax.cai.judge_loading import load_judge
 from tests.judge_server import Faults, make_server
 from tests.test_scoring import _embedded_questions
 

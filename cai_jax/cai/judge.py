@@ -16,7 +16,7 @@ log-probability of each option string (" (A)", " (B)", ...) as the continuation 
 * `HTTPJudge` (`cai_jax.cai.judge_http`): an OpenAI-compatible completions server (vLLM, ...)
   named as `feedback_model.name = "http://host:port"`, read through prompt log-probs with `echo`.
 
-`load_judge(name, ...)` picks the kind from the name.
+`cai_jax.cai.judge_loading.load_judge(name, ...)` picks the kind from the name.
 
 The callable contract (`CallableJudge`):
 
@@ -52,7 +52,6 @@ __all__ = [
     "LMJudge",
     "PYTHON_PREFIX",
     "load_callable",
-    "load_judge",
     "option_token_ids",
 ]
 
@@ -235,45 +234,3 @@ def load_callable(spec: str) -> CallableJudge:
     if not callable(fn):
         raise JudgeError(f"judge {spec!r}: {module_name}.{attr} is not a callable")
     return CallableJudge(fn, spec)
-
-
-def load_judge(
-    name: str,
-    *,
-    rendering: str = "raw",
-    batch_size: int = 16,
-    lm: Any = None,
-    load_model: Callable[[str], Any] | None = None,
-    tokenizer: Any = None,
-    http: dict | None = None,
-) -> Judge:
-    """The judge a `feedback_model.name` names.
-
-    Args:
-      name: "python:<module>:<callable>" (`CallableJudge`), "http://host:port" or "https://..."
-        (`HTTPJudge`), or anything `load_model` takes (a preset name, a folder, a .gguf file:
-        `LMJudge`).
-      rendering: how questions are rendered ("raw" or "chat"), for `LMJudge`'s BOS rule.
-      batch_size: questions per device call (`LMJudge`).
-      lm: an already loaded model for `name` (`LMJudge`; skips loading).
-      load_model: name -> `LoadedModel` (default `cai_jax.models.load_pretrained`).
-      tokenizer: the served model's tokenizer, for chat questions (`HTTPJudge`).
-      http: `HTTPJudge` keywords (model, timeout, retries, backoff, concurrency).
-
-    Raises:
-      JudgeError: naming the judge (bad spec, unknown keywords).
-    """
-    from cai_jax.cai.judge_http import HTTP_PREFIXES, HTTPJudge
-
-    if name.startswith(PYTHON_PREFIX):
-        return load_callable(name)
-    if name.startswith(HTTP_PREFIXES):
-        try:
-            return HTTPJudge(name, tokenizer=tokenizer, **(http or {}))
-        except TypeError as e:
-            raise JudgeError(f"judge {name}: {e}") from None
-    if lm is None:
-        if load_model is None:
-            from cai_jax.models import load_pretrained as load_model
-        lm = load_model(name)
-    return LMJudge(lm, rendering=rendering, batch_size=batch_size, name=name)
