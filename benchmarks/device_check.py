@@ -101,15 +101,15 @@ def prepare(folder: Path) -> None:
 
 
 def accelerator_defaults() -> dict:
-    """What this backend gets of the CPU-only tricks: the custom-VJP bf16 matmuls of nn/llama.py
+    """What this backend gets of the CPU-only tricks: the custom-VJP bf16 matmuls of nn/cpu_matmul.py
     (on where `jax.default_backend()` is "cpu") and the glibc malloc tunables of cai_jax/runtime.py
     (set for processes the launcher re-executes; the launch of part tiny is one)."""
-    from cai_jax.nn import llama
+    from cai_jax.nn import cpu_matmul
     from cai_jax.runtime import wants_reexec
 
     return {
         "backend": jax.default_backend(),
-        "cpu_matmul_vjp": bool(llama._bf16_on_cpu(jnp.zeros((), jnp.bfloat16))),
+        "cpu_matmul_vjp": bool(cpu_matmul.applies(jnp.zeros((), jnp.bfloat16))),
         "malloc_tunables_for_launch": wants_reexec()
         or "glibc.malloc.arena_max" in os.environ.get("GLIBC_TUNABLES", ""),
     }

@@ -12,7 +12,7 @@ program, so every figure here is per device. A loop's body is counted once by XL
 analysis, whatever its trip count.
 
 The compiled program is the one the target would run only if it is traced as on the target:
-`traced_for(platform)` turns off the CPU-only matmul layout of `nn/llama.py` (chosen there by
+`traced_for(platform)` turns off the CPU-only matmul layout of `nn/cpu_matmul.py` (chosen there by
 `jax.default_backend()`) while an accelerator's program is traced on CPU. What the CPU compiler's
 memory estimate can and cannot say about an accelerator is in README.md ("Accelerators").
 """
@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -182,17 +181,13 @@ def compile_cost(
 
 @contextlib.contextmanager
 def traced_for(platform: str):
-    """Traces models as on `platform`: off CPU, the CPU-only custom-VJP matmuls of nn/llama.py
+    """Traces models as on `platform`: off CPU, the CPU-only custom-VJP matmuls of nn/cpu_matmul.py
     (selected there by `jax.default_backend()`, which is "cpu" while planning) are not used, so the
     compiled program is the accelerator's. A no-op for "cpu"."""
     if platform == "cpu":
         yield
         return
-    from cai_jax.nn import llama
+    from cai_jax.nn import cpu_matmul
 
-    original: Callable = llama._bf16_on_cpu
-    llama._bf16_on_cpu = lambda x: False
-    try:
+    with cpu_matmul.disabled():
         yield
-    finally:
-        llama._bf16_on_cpu = original

@@ -39,11 +39,11 @@ import numpy as np
 
 from cai_jax.nn.config import ModelConfig
 from cai_jax.nn.llama import Transformer, init_cache
-from cai_jax.text import bucket_length, eos_ids, pad_batch_size, pad_id, token_bytes
+from cai_jax.stop_strings import stop_tables
+from cai_jax.text import bucket_length, eos_ids, pad_batch_size, pad_id
+from cai_jax.token_choice import inverse_cdf, process_logits
 
 STOP_NONE, STOP_EOS, STOP_STRING = 0, 1, 2  # values of SampleOutput.stop_reason (0: ran to max_new_tokens)
-_BLOCK = 256  # vocabulary block size of the two-level inverse-CDF sampler
-_TOP_P_CANDIDATES = 256
 
 
 @dataclasses.dataclass
@@ -79,118 +79,7 @@ class _Settings:
     pad_id: int
 
 
-# ---------------------------------------------------------------- stop strings
-
-
-def _kmp_dfa(pattern: bytes) -> np.ndarray:
-    """KMP automaton [m + 1, 256]: state = length of the longest pattern prefix ending here."""
-    m = len(pattern)
-    dfa = np.zeros((m + 1, 256), np.int32)
-    dfa[0, pattern[0]] = 1
-    fallback = 0
-    for state in range(1, m):
-        dfa[state] = dfa[fallback]
-        dfa[state, pattern[state]] = state + 1
-        fallback = dfa[fallback, pattern[state]]
-    dfa[m] = m  # absorbing: once seen, the stop string stays seen
-    return dfa
-
-
-@functools.lru_cache(maxsize=32)
-def _token_table(vocab_bytes: tuple[bytes, ...], pattern: bytes, vocab_size: int) -> np.ndarray:
-    """[m + 1, V]: automaton state after reading a whole token's bytes from each state."""
-    dfa = _kmp_dfa(pattern)
-    m = len(pattern)
-    width = max(1, max(len(b) for b in vocab_bytes))
-    chars = np.full((vocab_size, width), -1, np.int32)
-    for i, b in enumerate(vocab_bytes[:vocab_size]):
-        chars[i, : len(b)] = np.frombuffer(b, np.uint8)
-    table = np.empty((m + 1, vocab_size), np.int32)
-    for start in range(m + 1):
-        state = np.full(vocab_size, start, np.int32)
-        for j in range(width):
-            c = chars[:, j]
-            step = (c >= 0) & (state != m)
-            state = np.where(step, dfa[state, np.maximum(c, 0)], state)
-        table[start] = state
-    return table
-
-
-def stop_tables(tokenizer, stop_strings: Sequence[str], vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stacked automata [K, Q, V] and their accepting states [K] for `stop_strings`."""
-    if not stop_strings:
-        return np.zeros((0, 1, vocab_size), np.int32), np.zeros((0,), np.int32)
-    if tokenizer is None:
-        raise ValueError("stop_strings need a tokenizer (lm.tokenizer is None)")
-    vocab = token_bytes(tokenizer)
-    vocab = tuple(vocab) + (b"",) * max(0, vocab_size - len(vocab))
-    patterns = [s.encode("utf-8") for s in stop_strings]
-    if not all(patterns):
-        raise ValueError(f"empty stop string in {list(stop_strings)!r}")
-    q = max(len(p) for p in patterns) + 1
-    tables = np.zeros((len(patterns), q, vocab_size), np.int32)
-    for k, p in enumerate(patterns):
-        t = _token_table(vocab, p, vocab_size)
-        tables[k, : t.shape[0]] = t
-    return tables, np.array([len(p) for p in patterns], np.int32)
-
-
 # ---------------------------------------------------------------- token choice
-
-
-def _top_p_threshold(probs_BV: jax.Array, top_p: float) -> jax.Array:
-    """Smallest probability kept by nucleus sampling, per row [B]."""
-    k = min(_TOP_P_CANDIDATES, probs_BV.shape[-1])
-    top_BK, _ = jax.lax.top_k(probs_BV, k)
-    cum_BK = jnp.cumsum(top_BK, axis=-1)
-    n_keep = jnp.minimum(jnp.sum(cum_BK < top_p, axis=-1), k - 1)
-    thresh_B = jnp.take_along_axis(top_BK, n_keep[:, None], axis=-1)[:, 0]
-
-    def bisect(_):
-        def body(_, lo_hi):
-            lo, hi = lo_hi
-            mid = 0.5 * (lo + hi)
-            mass = jnp.sum(jnp.where(probs_BV >= mid[:, None], probs_BV, 0.0), axis=-1)
-            ok = mass >= top_p
-            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-        lo, _ = jax.lax.fori_loop(0, 40, body, (jnp.zeros_like(thresh_B), top_BK[:, 0]))
-        return jnp.where(cum_BK[:, -1] >= top_p, thresh_B, lo)
-
-    return jax.lax.cond(jnp.all(cum_BK[:, -1] >= top_p), lambda _: thresh_B, bisect, None)
-
-
-def process_logits(logits_BV: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
-    """Log-probs of the sampling distribution [B, V] (-inf outside top-k / top-p)."""
-    logits_BV = logits_BV.astype(jnp.float32) / temperature
-    if top_k and top_k < logits_BV.shape[-1]:
-        kth_B = jax.lax.top_k(logits_BV, top_k)[0][:, -1]
-        logits_BV = jnp.where(logits_BV >= kth_B[:, None], logits_BV, -jnp.inf)
-    if top_p < 1.0:
-        probs_BV = jax.nn.softmax(logits_BV, axis=-1)
-        thresh_B = _top_p_threshold(probs_BV, top_p)
-        logits_BV = jnp.where(probs_BV >= thresh_B[:, None], logits_BV, -jnp.inf)
-    return jax.nn.log_softmax(logits_BV, axis=-1)
-
-
-def _inverse_cdf(logp_BV: jax.Array, u_B: jax.Array) -> jax.Array:
-    """Index i with CDF(i - 1) <= u < CDF(i), found block-wise; never picks a zero-prob entry."""
-    b, v = logp_BV.shape
-    nb = -(-v // _BLOCK)
-    p_BV = jnp.exp(logp_BV)
-    p_BNK = jnp.pad(p_BV, ((0, 0), (0, nb * _BLOCK - v))).reshape(b, nb, _BLOCK)
-    block_sum_BN = jnp.sum(p_BNK, axis=-1)
-    cum_BN = jnp.cumsum(block_sum_BN, axis=-1)
-    target_B = u_B * cum_BN[:, -1]
-    last_block = jnp.max(jnp.where(block_sum_BN > 0, jnp.arange(nb), 0), axis=-1)
-    blk_B = jnp.minimum(jnp.sum(cum_BN <= target_B[:, None], axis=-1), last_block)
-    before_B = jnp.take_along_axis(cum_BN - block_sum_BN, blk_B[:, None], axis=1)[:, 0]
-    inner_BK = jnp.take_along_axis(p_BNK, blk_B[:, None, None], axis=1)[:, 0]
-    inner_cum_BK = jnp.cumsum(inner_BK, axis=-1) + before_B[:, None]
-    last_in = jnp.max(jnp.where(inner_BK > 0, jnp.arange(_BLOCK), 0), axis=-1)
-    first_in = jnp.argmax(inner_BK > 0, axis=-1)
-    j_B = jnp.clip(jnp.sum(inner_cum_BK <= target_B[:, None], axis=-1), first_in, last_in)
-    return (blk_B * _BLOCK + j_B).astype(jnp.int32)
 
 
 def _choose(logits_BV, keys_B, step, s: _Settings):
@@ -201,7 +90,7 @@ def _choose(logits_BV, keys_B, step, s: _Settings):
     else:
         logp_BV = process_logits(logits_BV, s.temperature, s.top_k, s.top_p)
         u_B = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(keys_B)
-        tok_B = _inverse_cdf(logp_BV, u_B)
+        tok_B = inverse_cdf(logp_BV, u_B)
     return tok_B, jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
 
 

@@ -1,4 +1,4 @@
-"""The CPU bf16 matmuls with row-major backward (`llama._matmul`, `_matmul_t`, `_dot_f32`) compute
+"""The CPU bf16 matmuls with row-major backward (`cpu_matmul.matmul`, `matmul_t`, `dot_f32`) compute
 the same values and gradients as plain `dot_general` on the same bf16 inputs.
 
 Reference: float32 math on the bf16 inputs. The patched backward rounds the incoming gradient to
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cai_jax.nn import llama
+from cai_jax.nn import cpu_matmul
 
 BF16_TOL = 2.0**-7
 
@@ -38,12 +38,12 @@ def test_matmul_values_and_gradients_match_plain_dot():
     c = jax.random.normal(jax.random.key(9), (24, 12), jnp.float32)
 
     def patched(x, w):
-        return jnp.sum(llama._matmul(x, w) * c)
+        return jnp.sum(cpu_matmul.matmul(x, w) * c)
 
     def plain(x, w):
         return jnp.sum(jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32)) * c)
 
-    got = np.asarray(llama._matmul(x, w))
+    got = np.asarray(cpu_matmul.matmul(x, w))
     want = np.asarray(jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32)))
     assert np.all(np.abs(got - want) <= _sum_order_atol(x, w))
     gx, gw = jax.grad(patched, argnums=(0, 1))(x, w)
@@ -58,7 +58,7 @@ def test_tied_head_matmul_t_matches_plain_dot():
     c = jax.random.normal(jax.random.key(3), (10, 40), jnp.float32)
 
     def patched(h, emb):
-        return jnp.sum(llama._matmul_t(h, emb) * c)
+        return jnp.sum(cpu_matmul.matmul_t(h, emb) * c)
 
     def plain(h, emb):
         return jnp.sum(jnp.dot(h.astype(jnp.float32), emb.astype(jnp.float32).T) * c)
@@ -74,14 +74,14 @@ def test_dot_f32_dispatch_keeps_shapes_and_values():
     # head axis ([B, T, E] x [E, H, D]) go through `_matmul` on CPU; results equal plain dots.
     x4, w3 = _inputs((2, 3, 4, 8), (4, 8, 6), seed=2)
     dn = (((2, 3), (0, 1)), ((), ()))
-    out = llama._dot_f32(x4, w3, dn)
+    out = cpu_matmul.dot_f32(x4, w3, dn)
     ref = jax.lax.dot_general(x4, w3, dn, preferred_element_type=jnp.float32)
     assert out.shape == ref.shape == (2, 3, 6) and out.dtype == jnp.float32
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
     x3, w3b = _inputs((2, 3, 6), (6, 4, 8), seed=4)
     dn = (((2,), (0,)), ((), ()))
     np.testing.assert_allclose(
-        llama._dot_f32(x3, w3b, dn),
+        cpu_matmul.dot_f32(x3, w3b, dn),
         jax.lax.dot_general(x3, w3b, dn, preferred_element_type=jnp.float32),
         rtol=1e-6,
         atol=1e-6,
@@ -90,5 +90,5 @@ def test_dot_f32_dispatch_keeps_shapes_and_values():
     xf, wf = x4.astype(jnp.float32), w3.astype(jnp.float32)
     dn = (((2, 3), (0, 1)), ((), ()))
     np.testing.assert_array_equal(
-        llama._dot_f32(xf, wf, dn), jax.lax.dot_general(xf, wf, dn, preferred_element_type=jnp.float32)
+        cpu_matmul.dot_f32(xf, wf, dn), jax.lax.dot_general(xf, wf, dn, preferred_element_type=jnp.float32)
     )

@@ -1,4 +1,4 @@
-"""cai_jax.losses against numbers worked out by hand or in plain Python `math` (never the same jnp code)."""
+"""cai_jax.losses and cai_jax.rl_losses against numbers worked out by hand or in plain Python `math` (never the same jnp code)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cai_jax import losses
+from cai_jax import losses, rl_losses
 
 # float32 arithmetic on O(1)-O(10) values: a few ulps relative, so 1e-6 absolute and relative.
 TOL = 1e-6
@@ -146,23 +146,23 @@ DIFF = [[0.5, -1.0, 0.0], [0.2, -1.0, 2.8]]  # LOGP - REF
 
 def test_kl_estimators_hand_computed():
     logp, ref = jnp.array(LOGP), jnp.array(REF)
-    close(losses.kl_penalty(logp, ref, "k1"), DIFF)
-    close(losses.kl_penalty(logp, ref, "k2"), [[0.5 * d * d for d in row] for row in DIFF])
-    close(losses.kl_penalty(logp, ref, "k3"), [[math.exp(-d) - 1 + d for d in row] for row in DIFF])
+    close(rl_losses.kl_penalty(logp, ref, "k1"), DIFF)
+    close(rl_losses.kl_penalty(logp, ref, "k2"), [[0.5 * d * d for d in row] for row in DIFF])
+    close(rl_losses.kl_penalty(logp, ref, "k3"), [[math.exp(-d) - 1 + d for d in row] for row in DIFF])
     with pytest.raises(ValueError, match="k4"):
-        losses.kl_penalty(logp, ref, "k4")
+        rl_losses.kl_penalty(logp, ref, "k4")
 
 
 def test_k3_is_nonnegative_and_k1_k3_are_unbiased():
     logp, ref = jax.random.normal(jax.random.key(0), (2, 64, 2)) * 3
-    k3 = losses.kl_penalty(logp, ref, "k3")
+    k3 = rl_losses.kl_penalty(logp, ref, "k3")
     assert float(k3.min()) >= 0.0
     # Exact expectation over a discrete pi (weights = pi), not a Monte-Carlo estimate.
     pi, ref_pi = [0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.4, 0.1]
     kl = sum(a * math.log(a / b) for a, b in zip(pi, ref_pi))
     logp, ref = jnp.log(jnp.array([pi])), jnp.log(jnp.array([ref_pi]))
     for kind in ("k1", "k3"):
-        close(jnp.sum(jnp.array([pi]) * losses.kl_penalty(logp, ref, kind)), kl)
+        close(jnp.sum(jnp.array([pi]) * rl_losses.kl_penalty(logp, ref, kind)), kl)
 
 
 # ------------------------------------------------------------------------------------------ ppo rewards
@@ -172,7 +172,7 @@ def test_ppo_rewards_score_at_last_token_minus_kl_and_eos_penalty():
     logp = jnp.array(LOGP)
     ref = jnp.array(REF).at[0, 2].set(-jnp.inf)  # garbage at the masked position
     mask = jnp.array([[1, 1, 0], [1, 1, 1]])
-    rewards, kl = losses.ppo_rewards(
+    rewards, kl = rl_losses.ppo_rewards(
         jnp.array([2.0, -1.0]),
         logp,
         ref,
@@ -186,7 +186,7 @@ def test_ppo_rewards_score_at_last_token_minus_kl_and_eos_penalty():
     close(kl, [[0.5, -1.0, 0.0], [0.2, -1.0, 2.8]])
     # normalised scores (2 - 0.5) / 2 = 0.75 and (-1 - 0.5) / 2 = -0.75; row 1 never ended: -1.
     close(rewards, [[-0.05, 0.1 + 0.75, 0.0], [-0.02, 0.1, -0.28 - 0.75 - 1.0]])
-    rewards, _ = losses.ppo_rewards(jnp.array([2.0, -1.0]), logp, jnp.array(REF), mask, beta=0.1, kl_kind="k3")
+    rewards, _ = rl_losses.ppo_rewards(jnp.array([2.0, -1.0]), logp, jnp.array(REF), mask, beta=0.1, kl_kind="k3")
     k3 = [[math.exp(-d) - 1 + d for d in row] for row in DIFF]
     close(
         rewards,
@@ -197,7 +197,7 @@ def test_ppo_rewards_score_at_last_token_minus_kl_and_eos_penalty():
 def test_ppo_rewards_last_valid_token_for_any_padding():
     mask = jnp.array([[0, 1, 1], [1, 0, 1], [0, 1, 0], [0, 0, 0]])  # left pad, gap, middle, empty
     zeros = jnp.zeros((4, 3))
-    rewards, _ = losses.ppo_rewards(jnp.array([1.0, 2.0, 3.0, 4.0]), zeros, zeros, mask, beta=0.0)
+    rewards, _ = rl_losses.ppo_rewards(jnp.array([1.0, 2.0, 3.0, 4.0]), zeros, zeros, mask, beta=0.0)
     close(rewards, [[0, 0, 1.0], [0, 0, 2.0], [0, 3.0, 0], [0, 0, 0]])
 
 
@@ -224,7 +224,7 @@ MASK = [[1, 1, 1], [1, 1, 0]]
 
 
 def test_gae_gamma_lam_one_is_reward_to_go_minus_value():
-    adv, ret = losses.gae(jnp.array(REWARDS), jnp.array(VALUES), jnp.array(MASK), 1.0, 1.0)
+    adv, ret = rl_losses.gae(jnp.array(REWARDS), jnp.array(VALUES), jnp.array(MASK), 1.0, 1.0)
     close(ret, [[6.0, 5.0, 3.0], [-0.5, -1.0, 0.0]])
     close(adv, [[5.5, 4.0, 1.5], [-0.7, -1.3, 0.0]])
 
@@ -233,7 +233,7 @@ def test_gae_gamma_lam_one_is_reward_to_go_minus_value():
 @pytest.mark.parametrize("mask", [MASK, [[1, 0, 1], [0, 1, 1]]], ids=["right_pad", "gap_left_pad"])
 def test_gae_against_the_definition(gamma, lam, mask):
     want_adv, want_ret = _gae_by_definition(REWARDS, VALUES, mask, gamma, lam)
-    adv, ret = jax.jit(losses.gae)(jnp.array(REWARDS), jnp.array(VALUES), jnp.array(mask), gamma, lam)
+    adv, ret = jax.jit(rl_losses.gae)(jnp.array(REWARDS), jnp.array(VALUES), jnp.array(mask), gamma, lam)
     close(adv, want_adv)
     close(ret, want_ret)
 
@@ -247,11 +247,11 @@ def test_whiten_masked_moments():
     # valid [1, 2, 3, 4, 6]: mean 3.2, population variance 14.8 / 5 = 2.96
     scale = 1 / math.sqrt(2.96 + 1e-8)
     want = [[-2.2 * scale, -1.2 * scale, -0.2 * scale], [0.8 * scale, 0.0, 2.8 * scale]]
-    out = losses.whiten(x, mask)
+    out = rl_losses.whiten(x, mask)
     close(out, want)
     close(losses.masked_mean(out, mask), 0.0)
     close(losses.masked_mean(jnp.square(out), mask), 1.0)
-    kept = losses.whiten(x, mask, shift_mean=False)
+    kept = rl_losses.whiten(x, mask, shift_mean=False)
     close(kept, [[w + 3.2 if m else 0.0 for w, m in zip(rw, rm)] for rw, rm in zip(want, mask.tolist())])
 
 
@@ -267,7 +267,7 @@ def test_ppo_policy_loss_clipping_cases():
     old = jnp.zeros((2, 3))
     adv = jnp.array([[1.0, 1.0, 1.0], [-1.0, -2.0, -1.0]])
     mask = jnp.array([[1, 1, 1], [1, 1, 0]])
-    loss_fn = lambda lp: losses.ppo_policy_loss(lp, old, adv, mask, 0.2)
+    loss_fn = lambda lp: rl_losses.ppo_policy_loss(lp, old, adv, mask, 0.2)
     loss, metrics = loss_fn(logp)
     close(loss, (-1.1 - 1.2 - 0.5 + 0.8 + 3.0) / 5)
     close(metrics["clipfrac"], 2 / 5)
@@ -290,7 +290,7 @@ def test_ppo_value_loss_clipping_cases():
     # per token max((v - R)^2, (clip(v, old +- 0.2) - R)^2):
     #  0.1 inside: 0.01 | 0.5 -> 0.2: max(0.25, 0.64) = 0.64 clipped | -0.5 -> -0.2: max(0.25, 0.04)
     #  1.5 -> 1.2: max(2.25, 1.44)   | 0.9 inside: 0.01                 | masked
-    loss_fn = lambda v: losses.ppo_value_loss(v, old, returns, mask, 0.2)
+    loss_fn = lambda v: rl_losses.ppo_value_loss(v, old, returns, mask, 0.2)
     loss, metrics = loss_fn(values)
     close(loss, 0.5 * (0.01 + 0.64 + 0.25 + 2.25 + 0.01) / 5)
     close(metrics["clipfrac"], 1 / 5)
@@ -303,7 +303,7 @@ def test_ppo_value_loss_clipping_cases():
 
 def test_entropy_uniform_is_log_v_and_hand_values():
     v = 7
-    close(losses.entropy_from_logits(jnp.full((2, 3, v), 3.0), jnp.ones((2, 3))), math.log(v))
+    close(rl_losses.entropy_from_logits(jnp.full((2, 3, v), 3.0), jnp.ones((2, 3))), math.log(v))
     ninf = -jnp.inf
     logits = jnp.array(
         [
@@ -313,7 +313,7 @@ def test_entropy_uniform_is_log_v_and_hand_values():
     )
     mask = jnp.array([[1, 1, 1], [1, 1, 0]])
     # ln 4, 1.5 ln 2, ln 2, ln 4, 0 (one token certain); the NaN row is masked out.
-    close(losses.entropy_from_logits(logits, mask), (2 + 1.5 + 1 + 2 + 0) * math.log(2) / 5)
+    close(rl_losses.entropy_from_logits(logits, mask), (2 + 1.5 + 1 + 2 + 0) * math.log(2) / 5)
 
 
 # ------------------------------------------------------------------------------------------ adaptive kl
@@ -329,5 +329,5 @@ def test_entropy_uniform_is_log_v_and_hand_values():
     ],
 )
 def test_adaptive_kl_update(current_kl, want):
-    close(losses.adaptive_kl_update(0.1, current_kl, 6.0, 10000, 256), want)
-    close(jax.jit(losses.adaptive_kl_update)(0.1, current_kl, 6.0, 10000, 256), want)
+    close(rl_losses.adaptive_kl_update(0.1, current_kl, 6.0, 10000, 256), want)
+    close(jax.jit(rl_losses.adaptive_kl_update)(0.1, current_kl, 6.0, 10000, 256), want)

@@ -16,13 +16,11 @@ from cai_jax.sampling import (
     STOP_EOS,
     STOP_NONE,
     STOP_STRING,
-    _inverse_cdf,
-    _kmp_dfa,
-    _token_table,
     generate,
-    process_logits,
 )
 from cai_jax.scoring import score_continuations
+from cai_jax.stop_strings import _kmp_dfa, _token_table
+from cai_jax.token_choice import inverse_cdf, process_logits
 
 LOGP_TOL = 1e-4  # fp32 cached decode vs uncached forward (the bound)
 
@@ -220,13 +218,13 @@ def test_inverse_cdf_sampling_distribution():
     logp = jax.nn.log_softmax(jnp.asarray(logits))
     n = 40000
     u = jax.random.uniform(jax.random.key(0), (n,))
-    draws = np.asarray(_inverse_cdf(jnp.broadcast_to(logp, (n, v)), u))
+    draws = np.asarray(inverse_cdf(jnp.broadcast_to(logp, (n, v)), u))
     assert set(np.unique(draws)) <= set(support.tolist())
     freq = np.bincount(draws, minlength=v)[support] / n
     expect = np.exp(np.asarray(logp)[support])
     # 4 standard errors of a binomial proportion at n = 40000 is < 0.01.
     np.testing.assert_allclose(freq, expect, atol=0.01)
-    edge = np.asarray(_inverse_cdf(jnp.broadcast_to(logp, (2, v)), jnp.array([0.0, 1.0 - 1e-7])))
+    edge = np.asarray(inverse_cdf(jnp.broadcast_to(logp, (2, v)), jnp.array([0.0, 1.0 - 1e-7])))
     assert edge.tolist() == [0, 599]
 
 

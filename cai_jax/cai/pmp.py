@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cai_jax.cai.prompts import PromptSourceError, _read_jsonl, _rows
+from cai_jax.cai.row_files import PromptSourceError, read_jsonl, read_rows
 
 # Answer columns, tried in order. "upvotes" is ours, "score" the StackExchange dump / API name.
 UPVOTE_FIELDS = ("upvotes", "score")
@@ -193,7 +193,7 @@ def shipped_pmp_sample() -> list[PMPQuestion]:
     """
     resource = importlib.resources.files("cai_jax.cai") / "data" / "pmp_sample.jsonl"
     with importlib.resources.as_file(resource) as path:
-        return _to_questions(str(path), _read_jsonl(path), "shipped:pmp_sample", None)
+        return _to_questions(str(path), read_jsonl(path), "shipped:pmp_sample", None)
 
 
 def load_pmp_questions(
@@ -232,7 +232,7 @@ def load_pmp_questions(
     if name.endswith((".txt", ".txt.gz")):
         raise _error(name, None, None, "a text file has no answers; expected .jsonl, .json or a datasets source")
     try:
-        rows = _rows(name, split)
+        rows = read_rows(name, split)
         return _to_questions(name, rows, name, max_questions)
     except PMPSourceError:
         raise

@@ -11,18 +11,15 @@ Typical use::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gzip
 import hashlib
 import importlib.resources
-import json
 import os
-import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cai_jax.cai.row_files import PromptSourceError, read_jsonl, read_rows, source_error  # noqa: F401  (PromptSourceError: re-exported)
 from cai_jax.text.render import parse_transcript
 from cai_jax.text.tokenizer import encode
 
@@ -32,10 +29,6 @@ AUTO_FIELDS = ("prompt", "text", "question", "instruction", "chosen")
 # Columns holding whole "\n\nHuman: ...\n\nAssistant: ..." transcripts rather than a prompt.
 TRANSCRIPT_FIELDS = ("chosen", "rejected")
 HH_MODES = ("first_turn", "all_but_last")
-# Files read by our own line-aware readers (so errors carry line numbers); others go to `datasets`.
-_OWN_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".txt", ".txt.gz")
-_DATASETS_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
-_HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,129 +51,6 @@ class Prompt:
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
 
-class PromptSourceError(ValueError):
-    """A prompt source that cannot be read; the message names the file, row and field."""
-
-
-def _error(source: Any, row: int | None, field: str | None, problem: str) -> PromptSourceError:
-    """The error for `source`, row and field (each left out when unknown)."""
-    where = [str(source)] + ([f"row {row}"] if row is not None else []) + ([f"field {field!r}"] if field else [])
-    return PromptSourceError(f"{': '.join(where)}: {problem}")
-
-
-# Readers yield (1-based row number, row), the row a dict or a bare string.
-
-
-def _open_text(path: Path):
-    """Opens a text file for reading, gunzipping a ".gz" one."""
-    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """One row per non-blank line; row numbers are line numbers."""
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue  # a blank line (often the last) is not a row
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _error(path, lineno, None, f"invalid JSON line ({e.msg})") from None
-
-
-def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
-    """The rows of a JSON list (or of an object's one list value); row numbers are list positions."""
-    with _open_text(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise _error(path, None, None, f"invalid JSON at line {e.lineno} ({e.msg})") from None
-    if isinstance(data, dict):
-        # {"prompts": [...]} or {"data": [...]}: the one list-valued key is the rows.
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise _error(path, None, None, "expected a list of prompts (or an object with exactly one list)")
-        data = lists[0]
-    if not isinstance(data, list):
-        raise _error(path, None, None, f"expected a list of prompts, got {type(data).__name__}")
-    yield from enumerate(data, start=1)  # row = 1-based list index
-
-
-def _read_txt(path: Path) -> Iterator[tuple[int, Any]]:
-    """One prompt per non-blank line; row numbers are line numbers."""
-    with _open_text(path) as f:
-        yield from ((lineno, line) for lineno, line in enumerate(f, start=1) if line.strip())
-
-
-@contextlib.contextmanager
-def _hub_offline():
-    """Forbids hub downloads unless HF_HUB_OFFLINE=0, as models/loading.py does for weights.
-
-    Both libraries read their offline flag from a module constant at call time, so setting it for
-    the duration of one load works; datasets then serves a hub name from its local cache only.
-    """
-    if os.environ.get("HF_HUB_OFFLINE", "1") == "0":
-        yield
-        return
-    import datasets.config
-    import huggingface_hub.constants
-
-    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
-
-
-def _read_datasets(source: str, split: str | None, local: Path | None) -> Iterator[tuple[int, Any]]:
-    """Rows of a `datasets` source: a save_to_disk folder, a data-files folder/file, or a hub name."""
-    import datasets
-
-    saved = local is not None and ((local / "state.json").exists() or (local / "dataset_dict.json").exists())
-    with _hub_offline():
-        try:
-            if saved:
-                ds = datasets.load_from_disk(str(local))
-            elif local is not None and local.is_file():
-                ds = datasets.load_dataset(
-                    _DATASETS_BUILDERS[local.suffix], data_files=str(local), split=split or "train"
-                )
-            else:
-                ds = datasets.load_dataset(source, split=split)  # data-files folder or hub name
-        except (FileNotFoundError, ConnectionError) as e:
-            hint = "" if os.environ.get("HF_HUB_OFFLINE", "1") == "0" else " (set HF_HUB_OFFLINE=0 to allow a download)"
-            raise _error(source, None, None, f"cannot load with datasets ({e}){hint}") from e
-    if isinstance(ds, datasets.DatasetDict):
-        if split is None and len(ds) != 1:
-            raise _error(source, None, None, f"has splits {sorted(ds)}; pass split=")
-        if split is not None and split not in ds:
-            raise _error(source, None, None, f"no split {split!r} (has {sorted(ds)})")
-        ds = ds[split] if split is not None else next(iter(ds.values()))
-    yield from enumerate(ds, start=1)  # row = 1-based dataset index
-
-
-def _rows(source: str, split: str | None) -> Iterator[tuple[int, Any]]:
-    """Rows of a path or hub name, by file type."""
-    path = Path(source)
-    if path.is_file():
-        if path.name.endswith((".jsonl", ".jsonl.gz")):
-            return _read_jsonl(path)
-        if path.name.endswith((".json", ".json.gz")):
-            return _read_json(path)
-        if path.name.endswith((".txt", ".txt.gz")):
-            return _read_txt(path)
-        if path.suffix in _DATASETS_BUILDERS:
-            return _read_datasets(source, split, path)
-        kinds = ", ".join(_OWN_SUFFIXES + tuple(_DATASETS_BUILDERS))
-        raise _error(source, None, None, f"unsupported file type (expected one of {kinds})")
-    if path.is_dir():
-        return _read_datasets(source, split, path)
-    if _HUB_NAME.match(source):
-        return _read_datasets(source, split, None)
-    raise _error(source, None, None, "no such file or folder (and not an 'org/name' hub dataset)")
-
-
 def _resolve_field(source: str, row_no: int, row: Mapping[str, Any], field: str | None) -> str:
     """`field`, else the first of AUTO_FIELDS that `row` has."""
     if field is not None:
@@ -188,7 +58,9 @@ def _resolve_field(source: str, row_no: int, row: Mapping[str, Any], field: str 
     for candidate in AUTO_FIELDS:
         if candidate in row:
             return candidate
-    raise _error(source, row_no, None, f"no prompt field: none of {AUTO_FIELDS} in columns {sorted(row)}; pass field=")
+    raise source_error(
+        source, row_no, None, f"no prompt field: none of {AUTO_FIELDS} in columns {sorted(row)}; pass field="
+    )
 
 
 def _from_transcript(source: str, row_no: int, field: str, value: str, hh_mode: str) -> tuple[str, dict]:
@@ -196,11 +68,11 @@ def _from_transcript(source: str, row_no: int, field: str, value: str, hh_mode: 
     try:
         messages = parse_transcript(value)
     except ValueError as e:
-        raise _error(source, row_no, field, str(e)) from None
+        raise source_error(source, row_no, field, str(e)) from None
     if hh_mode == "first_turn":
         return next(m["content"] for m in messages if m["role"] == "user"), {}
     if messages[-1]["role"] != "assistant":
-        raise _error(source, row_no, field, "transcript does not end with an assistant reply")
+        raise source_error(source, row_no, field, "transcript does not end with an assistant reply")
     # Drop the whole trailing run of assistant turns: a few hh-rlhf rows split one reply in two.
     end = len(messages)
     while messages[end - 1]["role"] == "assistant":
@@ -220,27 +92,27 @@ def _to_prompts(
         category = pid = None
         if isinstance(row, str):
             if field is not None:
-                raise _error(source, row_no, field, "row is a bare string, so it has no fields")
+                raise source_error(source, row_no, field, "row is a bare string, so it has no fields")
             text, used = row, None
         elif isinstance(row, Mapping):
             # Resolve once on the first row so every row is read from the same column.
             used = resolved = resolved or _resolve_field(source, row_no, row, field)
             if used not in row:
-                raise _error(source, row_no, used, "missing")
+                raise source_error(source, row_no, used, "missing")
             text = row[used]
             if not isinstance(text, str):
-                raise _error(source, row_no, used, f"expected a string, got {type(text).__name__}")
+                raise source_error(source, row_no, used, f"expected a string, got {type(text).__name__}")
             if used in TRANSCRIPT_FIELDS:
                 text, extra = _from_transcript(source, row_no, used, text, hh_mode)
                 meta.update(extra)
             category = row.get("category") if isinstance(row.get("category"), str) else None
             pid = row.get("id") if isinstance(row.get("id"), (str, int)) else None
         else:
-            raise _error(source, row_no, field, f"expected an object or a string, got {type(row).__name__}")
+            raise source_error(source, row_no, field, f"expected an object or a string, got {type(row).__name__}")
         pid = str(pid) if pid is not None else f"{stem}:{row_no}"
         out.append(Prompt(id=pid, text=text.strip(), source=source_label, category=category, meta=meta))
     if not out:
-        raise _error(source, None, None, "empty: no prompts")
+        raise source_error(source, None, None, "empty: no prompts")
     return out
 
 
@@ -258,7 +130,7 @@ def shipped_prompts(kind: str) -> list[Prompt]:
         raise ValueError(f"unknown shipped prompt set {kind!r} (expected one of {', '.join(KINDS)})")
     resource = importlib.resources.files("cai_jax.cai") / "data" / f"{kind}_prompts.jsonl"
     with importlib.resources.as_file(resource) as path:
-        return _to_prompts(str(path), _read_jsonl(path), "prompt", "first_turn", f"shipped:{kind}")
+        return _to_prompts(str(path), read_jsonl(path), "prompt", "first_turn", f"shipped:{kind}")
 
 
 def load_prompts(
@@ -310,7 +182,7 @@ def load_prompts(
         if chosen is None:
             raise ValueError("source 'shipped' needs kind= ('red_team' or 'helpful')")
         return shipped_prompts(chosen)
-    return _to_prompts(name, _rows(name, split), field, hh_mode, name)
+    return _to_prompts(name, read_rows(name, split), field, hh_mode, name)
 
 
 def normalize(text: str) -> str:

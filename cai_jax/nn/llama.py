@@ -15,7 +15,6 @@ K kv heads, G = H // K, D head dim, M mlp hidden, V vocab.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -24,88 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cai_jax.nn import cpu_matmul
 from cai_jax.nn.config import ModelConfig
 
 Cache = list  # one {"k": [B, K, D, S], "v": [B, K, S, D]} dict per layer
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite, so fully masked rows give no NaN
-
-
-# Matmuls take inputs in cfg.dtype and accumulate and return float32 (bf16 x bf16 -> f32 is the
-# fast path on CPUs with AVX512-BF16 and on accelerators); the result is then cast to the
-# activation dtype.
-_dot_f32_plain = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
-
-
-def _row_major_t(a_NK: jax.Array) -> jax.Array:
-    """`a.T` [K, N] copied into a fresh row-major buffer.
-
-    XLA CPU gives a transpose the permuted layout and folds it into the consuming dot; a bf16 dot
-    with such an operand is upcast to f32 (operand_upcaster), and one contracting the leading dim
-    of both operands (every weight gradient x^T dy) runs in Eigen instead of YNNPACK: the backward
-    of a bf16 matmul ran at fp32 speed. The barrier keeps the transpose from being folded back
-    and the size-1 reduce gives the copy the default layout, so both backward dots stay
-    bf16 x bf16 -> f32 in YNNPACK (~2x faster here; the copy costs ~1% of the dot).
-    """
-    return jnp.sum(jax.lax.optimization_barrier(a_NK.T)[..., None], axis=-1)
-
-
-def _mm(a_NK, b_KM):
-    return jax.lax.dot_general(a_NK, b_KM, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-@jax.custom_vjp
-def _matmul(x_NK: jax.Array, w_KM: jax.Array) -> jax.Array:
-    """x @ w -> float32, whose backward matmuls are plain row-major [N, K] x [K, M] dots."""
-    return _mm(x_NK, w_KM)
-
-
-def _matmul_fwd(x_NK, w_KM):
-    return _mm(x_NK, w_KM), (x_NK, w_KM)
-
-
-def _matmul_bwd(res, dy_NM):
-    x_NK, w_KM = res
-    dy_NM = dy_NM.astype(x_NK.dtype)
-    return _mm(dy_NM, _row_major_t(w_KM)).astype(x_NK.dtype), _mm(_row_major_t(x_NK), dy_NM).astype(w_KM.dtype)
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-@jax.custom_vjp
-def _matmul_t(x_NK: jax.Array, e_MK: jax.Array) -> jax.Array:
-    """x @ e.T -> float32 (the tied LM head, e = embedding [V, E]); row-major backward as above."""
-    return jax.lax.dot_general(x_NK, e_MK, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _matmul_t_fwd(x_NK, e_MK):
-    return _matmul_t(x_NK, e_MK), (x_NK, e_MK)
-
-
-def _matmul_t_bwd(res, dy_NM):
-    x_NK, e_MK = res
-    dy_NM = dy_NM.astype(x_NK.dtype)
-    return _mm(dy_NM, e_MK).astype(x_NK.dtype), _mm(_row_major_t(dy_NM), x_NK).astype(e_MK.dtype)
-
-
-_matmul_t.defvjp(_matmul_t_fwd, _matmul_t_bwd)
-
-
-def _bf16_on_cpu(x: jax.Array) -> bool:
-    return x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
-
-
-def _dot_f32(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """`dot_general` -> float32. bf16 dots contracting lhs's trailing dims with rhs's leading dims
-    (every projection) take `_matmul` on CPU, so their backward runs in bf16 too."""
-    (lc, rc), (lb, rb) = dimension_numbers
-    n = len(lc)
-    plain = not lb and not rb and tuple(lc) == tuple(range(lhs.ndim - n, lhs.ndim)) and tuple(rc) == tuple(range(n))
-    if not (plain and _bf16_on_cpu(lhs) and rhs.dtype == lhs.dtype):
-        return _dot_f32_plain(lhs, rhs, dimension_numbers, precision)
-    k = math.prod(rhs.shape[:n])
-    y = _matmul(lhs.reshape(-1, k), rhs.reshape(k, -1))
-    return y.reshape(lhs.shape[: lhs.ndim - n] + rhs.shape[n:])
 
 
 def _init(std: float, names: tuple[str, ...]):
@@ -179,7 +101,7 @@ class HeadsDense(nn.Module):
         n = self.in_dims
         kernel = self.param("kernel", _init(0.02, self.kernel_axes), x.shape[-n:] + self.features, self.param_dtype)
         contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
-        y = _dot_f32(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        y = cpu_matmul.dot_f32(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
         if self.use_bias:
             init = nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[n:])
             y = y + self.param("bias", init, self.features, self.param_dtype).astype(self.dtype)
@@ -244,7 +166,7 @@ class MLP(nn.Module):
         cfg = self.cfg
         dense = lambda n, name, axes: nn.Dense(  # noqa: E731
             n, use_bias=False, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-            kernel_init=_init(0.02, axes), dot_general=_dot_f32, name=name,
+            kernel_init=_init(0.02, axes), dot_general=cpu_matmul.dot_f32, name=name,
         )  # fmt: skip
         act = cfg.jnp_activation_dtype
         gate = dense(cfg.intermediate_size, "gate_proj", ("embed", "mlp"))(x_BTE).astype(act)
@@ -324,7 +246,7 @@ class Transformer(nn.Module):
                 dtype=cfg.jnp_dtype,
                 param_dtype=cfg.jnp_param_dtype,
                 kernel_init=_init(0.02, ("embed", "vocab")),
-                dot_general=_dot_f32,
+                dot_general=cpu_matmul.dot_f32,
             )
 
     def logits(self, h_BTE: jax.Array) -> jax.Array:
@@ -332,9 +254,9 @@ class Transformer(nn.Module):
         if self.cfg.tie_word_embeddings:
             emb_VE = jnp.asarray(self.embed_tokens.embedding, self.cfg.jnp_dtype)
             h_BTE = h_BTE.astype(self.cfg.jnp_dtype)
-            if _bf16_on_cpu(h_BTE):
+            if cpu_matmul.applies(h_BTE):
                 b, t, e = h_BTE.shape
-                logits = _matmul_t(h_BTE.reshape(b * t, e), emb_VE).reshape(b, t, -1)
+                logits = cpu_matmul.matmul_t(h_BTE.reshape(b * t, e), emb_VE).reshape(b, t, -1)
             else:
                 logits = jnp.einsum("bte,ve->btv", h_BTE, emb_VE, preferred_element_type=jnp.float32)
         else:

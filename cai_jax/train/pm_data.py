@@ -114,11 +114,11 @@ def validate_comparison(row: Any, source: str = "comparisons", row_no: int = 1) 
 def _source_rows(source: Any, split: str | None) -> tuple[str, collections.abc.Iterable[tuple[int, Any]]]:
     """(name, (row number, row) pairs) of a list, a datasets.Dataset, or a path / hub name."""
     if isinstance(source, (str, os.PathLike)):
-        from cai_jax.cai.prompts import PromptSourceError, _rows
+        from cai_jax.cai.row_files import PromptSourceError, read_rows
 
         name = os.fspath(source)
         try:
-            return name, list(_rows(name, split))
+            return name, list(read_rows(name, split))
         except PromptSourceError as e:
             raise ComparisonError(str(e)) from None
     if hasattr(source, "column_names") and hasattr(source, "__iter__"):  # datasets.Dataset

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from cai_jax.losses import adaptive_kl_update
+from cai_jax.rl_losses import adaptive_kl_update
 from cai_jax.sampling import STOP_EOS, generate
 from cai_jax.text import encode_prompt
 from cai_jax.train.fit import Step

@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cai_jax.losses import entropy_from_logits, gae, ppo_policy_loss, ppo_rewards, ppo_value_loss, whiten
+from cai_jax.rl_losses import entropy_from_logits, gae, ppo_policy_loss, ppo_rewards, ppo_value_loss, whiten
 from cai_jax.scoring import token_logprobs
 from cai_jax.train.state import Optimizer, TrainState, strict_fields
 from cai_jax.train.steps import _apply
@@ -205,8 +205,8 @@ def compute_advantages(
 ) -> dict[str, jax.Array]:
     """Per-token rewards (score at the last token - beta KL), GAE advantages and returns.
 
-    R_t = -beta KL_t + [t last] ((score - mean) / std - missing-EOS penalty) (`losses.ppo_rewards`,
-    Ziegler et al. 2019, eq. 2), A_t by GAE (Schulman et al. 2016, eq. 16; `losses.gae`) with the
+    R_t = -beta KL_t + [t last] ((score - mean) / std - missing-EOS penalty) (`rl_losses.ppo_rewards`,
+    Ziegler et al. 2019, eq. 2), A_t by GAE (Schulman et al. 2016, eq. 16; `rl_losses.gae`) with the
     value after the last token 0, returns = A + V, then A whitened over the batch's response tokens.
     `score_mean` / `score_std` are the PM's saved reward statistics; `ended_B` is True where the
     response emitted EOS; `beta` is the KL coefficient (an array, so the adaptive controller does
