@@ -1,8 +1,7 @@
 """Logging for the command-line entry points: our messages at the chosen level, third-party noise off.
 
-`setup_logging(level)` is the first thing `experiments.launch`, `experiments.sweep`,
-`experiments.make_revisions` and `experiments.demo_generate` do (`python3 run.py demo` goes
-through the launcher). Below DEBUG it hides, without touching our own loggers or Python warnings:
+`setup_logging(level)` is the first thing `experiments.launch`, `experiments.sweep` and
+`experiments.plan` do (`python3 run.py demo` goes through the launcher). Below DEBUG it hides, without touching our own loggers or Python warnings:
 
 * transformers' advisory warnings, e.g. "PyTorch was not found. Models won't be available ..."
   printed when transformers is imported without torch (`TRANSFORMERS_NO_ADVISORY_WARNINGS`; its
