@@ -19,8 +19,9 @@ from cai_jax.models import Transformer, init_params, tiny_config
 from cai_jax.sharding import make_mesh, param_shardings
 from cai_jax.train.loop import state_shardings
 from cai_jax.train.sft import SFTBatcher, train_sft
-from cai_jax.train.state import OptimConfig, TrainState, make_optimizer
+from cai_jax.train.state import TrainState, make_optimizer
 from cai_jax.train.steps import sft_step
+from tests.defaults import optim_config
 
 SEQ_LEN, BATCH = 32, 4
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ def _run(cfg, params, examples, workdir, num_steps, *, save_every=3, lr=1e-3, **
         cfg,
         params,
         examples,
-        optim_cfg=OptimConfig(lr=lr),
+        optim_cfg=optim_config(lr=lr, schedule="constant", updates=num_steps),
         ckpt_cfg=CheckpointConfig(directory=str(workdir / "ckpt"), save_every_steps=save_every, keep_last=None),
         num_steps=num_steps,
         batch_size=BATCH,
@@ -200,7 +201,7 @@ def test_missing_field_is_a_clear_error():
 def test_state_shardings_follow_params(cfg, params):
     mesh = make_mesh()
     p_shardings = param_shardings(Transformer(cfg), jax.ShapeDtypeStruct((BATCH, SEQ_LEN), jnp.int32), mesh)
-    optimizer = make_optimizer(OptimConfig(), params)
+    optimizer = make_optimizer(optim_config(lr=1e-4, updates=1), params)
     abstract = jax.eval_shape(lambda p: TrainState.create(p, optimizer, jax.random.key(0)), params)
     shardings = state_shardings(abstract, p_shardings, mesh)
     assert jax.tree.structure(shardings.opt_state) == jax.tree.structure(abstract.opt_state)

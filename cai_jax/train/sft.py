@@ -1,6 +1,7 @@
 """The SL-CAI supervised fine-tuning loop (paper sec. 3): fixed-length batches, resumable exactly.
 
-    state = train_sft(tiny_config("llama"), params, examples, optim_cfg=OptimConfig(lr=1e-3),
+    optim = OptimConfig.from_config(cfg.sft.optim, updates=1000)  # cfg: a config, e.g. configs/base.py
+    state = train_sft(tiny_config("llama"), params, examples, optim_cfg=optim,
                       ckpt_cfg=CheckpointConfig(directory=f"{workdir}/ckpt", save_every_steps=100),
                       num_steps=1000, batch_size=8, seq_len=256, seed=0, workdir=workdir)
 
