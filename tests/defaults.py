@@ -1,7 +1,8 @@
 """The library's settings built from `configs/base.py`, the one home of every default.
 
-Library dataclasses (`PPOConfig`, `FeedbackSettings`, `OptimConfig`, ...) hold no defaults of their own; tests build
-them from the base config and override only what they are about.
+Library settings dataclasses (`PPOConfig`, `FeedbackSettings`, `OptimConfig`, `RevisionSettings`, ...)
+hold no defaults of their own; tests build them from the base config and override only what they are
+about.
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ def feedback_settings(**overrides):
     from experiments.stages import feedback
 
     return feedback.Config.build(base_config()).settings(**overrides)
+
+
+def revision_settings(**overrides):
+    """`RevisionSettings` of configs/base.py's `revisions` section (as the revisions stage builds it
+    for the red-team prompts), with `overrides`."""
+    import dataclasses
+
+    from experiments.stages import revisions
+
+    return dataclasses.replace(revisions.Config.build(base_config()).settings(), **overrides)
 
 
 def optim_config(*, updates=None, **overrides):

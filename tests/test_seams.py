@@ -114,12 +114,12 @@ def test_transcript_gets_bos_wherever_the_tokenizer_adds_it(spiece, smol, monkey
         return types.SimpleNamespace(texts=lambda tok: [" ab"] * len(prompt_ids))
 
     from cai_jax.cai import revisions
-    from tests.defaults import feedback_settings
+    from tests.defaults import feedback_settings, revision_settings
 
     monkeypatch.setattr(revisions, "generate", fake_generate)
     monkeypatch.setattr(fb, "generate", fake_generate)
     lm = types.SimpleNamespace(tokenizer=spiece, config=tiny_config("llama"))
-    settings = revisions.RevisionSettings(
+    settings = revision_settings(
         num_revisions=0, rendering="transcript", max_new_tokens=4, seed=0, temperature=1.0, top_p=1.0
     )
     revisions._generate_step(
