@@ -47,6 +47,17 @@ def revision_settings(**overrides):
     return dataclasses.replace(revisions.Config.build(base_config()).settings(), **overrides)
 
 
+def checkpoint_config(directory, **overrides):
+    """`CheckpointConfig` of configs/base.py's `checkpoint` section (as a stage builds it), saving in
+    `directory`, with `overrides`."""
+    import dataclasses
+
+    from experiments.context import RunSettings
+
+    spec = RunSettings.from_config(base_config()).checkpoint
+    return dataclasses.replace(spec.config(directory), **overrides)
+
+
 def optim_config(*, updates=None, **overrides):
     """`OptimConfig` of configs/base.py's `optim(lr)` sub-dict with `overrides` (OptimConfig fields;
     `lr` is required, as every stage sets its own), built as the stages build it (`from_config`).

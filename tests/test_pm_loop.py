@@ -29,7 +29,7 @@ from cai_jax.train.pm import (
 )
 from cai_jax.train.steps import pm_step
 from tests.conftest import TESTDATA
-from tests.defaults import optim_config
+from tests.defaults import checkpoint_config, optim_config
 
 SEQ_LEN, BATCH = 48, 4
 # Same fp32 program on CPU, different reduction grouping (a batch of 4 pairs vs a batch of 8 rows
@@ -285,7 +285,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(cfg, lm_params, to
     with pytest.raises(FloatingPointError, match="step 3"):
         _run(cfg, lm_params, _comparisons(12), tmp_path, 4, tok, step_fn=nan_at_step_3)
     assert [r["step"] for r in _rows(tmp_path)] == [1, 2]
-    ckpt = Checkpointer(CheckpointConfig(directory=str(tmp_path / "ckpt")))
+    ckpt = Checkpointer(checkpoint_config(tmp_path / "ckpt"))
     assert ckpt.all_steps() == [2]
     ckpt.close()
     assert not (tmp_path / "eval.json").exists()

@@ -174,7 +174,9 @@ def fit(
 
 def default_checkpoints(workdir: str | os.PathLike, num_steps: int) -> CheckpointConfig:
     """`workdir/checkpoints`, saving only the last step: a trainer's default."""
-    return CheckpointConfig(directory=os.path.join(workdir, "checkpoints"), save_every_steps=max(int(num_steps), 1))
+    return CheckpointConfig(
+        directory=os.path.join(workdir, "checkpoints"), save_every_steps=max(int(num_steps), 1), keep_last=3
+    )
 
 
 def fit_batches(
