@@ -210,7 +210,7 @@ def train_sft(
       examples: `SFTExample`s or dicts with "input_ids" and "loss_mask".
       optim_cfg: `OptimConfig` or its config dict.
       ckpt_cfg: where and how often to save; default `workdir/checkpoints`, saving only the end.
-      mesh_cfg: mesh sizes (default None: `MeshConfig()`, all devices on the data axis).
+      mesh_cfg: mesh sizes (default None: `DATA_PARALLEL`, all devices on the data axis).
       num_steps, batch_size, seq_len, seed: run length, global batch rows, padded length, data
         order and state rng seed.
       workdir: folder for metrics.jsonl (on resume, cut back to the restored step, then appended to).
