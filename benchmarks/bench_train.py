@@ -35,6 +35,7 @@ from cai_jax.models import ScalarModel, load_pretrained  # noqa: E402
 from cai_jax.train.pm import scalar_model_params  # noqa: E402
 from cai_jax.train.state import OptimConfig, TrainState, make_optimizer  # noqa: E402
 from cai_jax.train.steps import pm_step, sft_step  # noqa: E402
+from configs.base import optim  # noqa: E402
 
 
 def _batches(vocab, batch, seq_len, seed=0):
@@ -52,6 +53,14 @@ def _batches(vocab, batch, seq_len, seed=0):
         "p": rng.uniform(0, 1, batch).astype(np.float32),
     }
     return sft, pm
+
+
+def bench_optim(steps: int) -> OptimConfig:
+    """configs/base.py's `optim` at lr 1e-5 with weight decay 0.01 and a constant schedule (PyTorch's
+    AdamW has none); `steps` is the schedule length `from_config` derives, unread when constant."""
+    return OptimConfig.from_config(
+        {**optim(1e-5).to_dict(), "weight_decay": 0.01, "schedule": "constant"}, updates=steps
+    )
 
 
 def _time(fn, steps):
@@ -156,7 +165,7 @@ def main():
     torch_modes = args.torch.split(",")
     if not set(torch_modes) <= {"fp32", "autocast-bf16"}:
         ap.error(f"--torch: expected fp32 and/or autocast-bf16, got {args.torch!r}")
-    ocfg = OptimConfig(lr=1e-5, warmup_steps=0, weight_decay=0.01, grad_clip_norm=1.0)
+    ocfg = bench_optim(args.steps)
     lm = load_pretrained(args.model, remat=args.remat, dtype=args.dtype)
     sft_batch, pm_batch = _batches(lm.config.vocab_size, args.batch, args.seq_len)
     ours = bench_ours(lm, sft_batch, pm_batch, args.steps, ocfg)

@@ -126,14 +126,14 @@ def _memory_limit() -> int | None:
 def check_sft(cfg: ModelConfig, seq_len: int, steps: int, batch: int | None) -> dict:
     import functools
 
-    from benchmarks.bench_train import _batches
+    from benchmarks.bench_train import _batches, bench_optim
     from cai_jax.train.flops import model_flops_per_token, peak_flops_per_device
-    from cai_jax.train.state import OptimConfig, TrainState, make_optimizer
+    from cai_jax.train.state import TrainState, make_optimizer
     from cai_jax.train.steps import sft_step
 
     model = Transformer(cfg)
     abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    opt = make_optimizer(OptimConfig(lr=1e-5, weight_decay=0.01), abstract)
+    opt = make_optimizer(bench_optim(steps), abstract)
     step = jax.jit(functools.partial(sft_step, model=model, optimizer=opt), donate_argnums=0)
     state_shape = jax.eval_shape(lambda p: TrainState.create(p, opt, jax.random.key(0)), abstract)
 

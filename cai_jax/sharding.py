@@ -59,11 +59,18 @@ Rules = collections.abc.Sequence[tuple[str, Any]]
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Mesh sizes (devices per axis). One of them may be -1: all remaining devices."""
+    """Mesh sizes (devices per axis). One of them may be -1: all remaining devices.
 
-    data: int = -1  # data-parallel replicas
-    fsdp: int = 1  # parameter-sharding (ZeRO-3) group size
-    tensor: int = 1  # tensor-parallel group size
+    No field has a default: a run's mesh is its config's `mesh` section (`configs/base.py`);
+    `DATA_PARALLEL` is the layout the library takes when a caller gives none.
+    """
+
+    data: int  # data-parallel replicas
+    fsdp: int  # parameter-sharding (ZeRO-3) group size
+    tensor: int  # tensor-parallel group size
+
+
+DATA_PARALLEL = MeshConfig(data=-1, fsdp=1, tensor=1)  # every device on the data axis
 
 
 def _field(cfg: Any, name: str) -> Any:
@@ -97,7 +104,7 @@ def mesh_shape(mesh_cfg: Any, n_devices: int) -> tuple[int, int, int]:
     return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
-def make_mesh(mesh_cfg: Any = MeshConfig(), devices: collections.abc.Sequence | None = None) -> jax.sharding.Mesh:
+def make_mesh(mesh_cfg: Any = DATA_PARALLEL, devices: collections.abc.Sequence | None = None) -> jax.sharding.Mesh:
     """A ("data", "fsdp", "tensor") mesh over `devices` (default: all devices of all processes)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_cfg, len(devices))

@@ -101,6 +101,12 @@ class CheckpointSpec:
     keep_last: int
     keep_after_done: bool
 
+    def config(self, folder):
+        """The library's `CheckpointConfig` of this section, saving in `folder`."""
+        from cai_jax.checkpoints.train_state import CheckpointConfig
+
+        return CheckpointConfig(directory=str(folder), save_every_steps=self.save_every_steps, keep_last=self.keep_last)
+
 
 @dataclasses.dataclass(frozen=True)
 class LogSpec:
@@ -151,11 +157,7 @@ class StageContext:
 
     def checkpoints(self, sub: str = ""):
         """The stage's checkpoint settings, in `<stage>/<sub>/checkpoints`."""
-        from cai_jax.checkpoints.train_state import CheckpointConfig
-
-        c = self.run.checkpoint
-        folder = (self.dir / sub / "checkpoints").resolve()
-        return CheckpointConfig(directory=str(folder), save_every_steps=c.save_every_steps, keep_last=c.keep_last)
+        return self.run.checkpoint.config((self.dir / sub / "checkpoints").resolve())
 
 
 # ---------------------------------------------------------------- loaders

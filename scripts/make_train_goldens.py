@@ -31,7 +31,21 @@ from cai_jax.models import ScalarModel, Transformer, init_params, tiny_config  #
 from cai_jax.train.state import OptimConfig, TrainState, make_optimizer  # noqa: E402
 from cai_jax.train.steps import pm_step, sft_step  # noqa: E402
 
-OPTIM = OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant", grad_clip_norm=1.0)
+# Every field spelled out: the goldens are frozen, so their setup must not follow configs/base.py.
+OPTIM = OptimConfig(
+    lr=1e-3,
+    warmup_steps=0,
+    schedule="constant",
+    total_steps=2,  # the two steps below (a constant schedule does not read it)
+    min_lr_ratio=0.1,
+    weight_decay=0.0,
+    b1=0.9,
+    b2=0.95,
+    eps=1e-8,
+    grad_clip_norm=1.0,
+    grad_accum_steps=1,
+    frozen=(),
+)
 B, L = 4, 16
 
 

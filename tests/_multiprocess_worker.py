@@ -26,8 +26,9 @@ import numpy as np  # noqa: E402
 from cai_jax import sharding  # noqa: E402
 from cai_jax.models import Transformer, init_params, tiny_config  # noqa: E402
 from cai_jax.train.loop import jit_train_step, state_shardings  # noqa: E402
-from cai_jax.train.state import OptimConfig, TrainState, make_optimizer  # noqa: E402
+from cai_jax.train.state import TrainState, make_optimizer  # noqa: E402
 from cai_jax.train.steps import sft_step  # noqa: E402
+from tests.defaults import optim_config  # noqa: E402
 
 
 def main():
@@ -42,7 +43,9 @@ def main():
     params = init_params(cfg, jax.random.key(0))
     p_shard = sharding.param_shardings(model, np.zeros((1, 8), np.int32), mesh)
     params = sharding.shard_params(params, p_shard)
-    optimizer = make_optimizer(OptimConfig(lr=1e-3, warmup_steps=0, grad_clip_norm=1.0), params)
+    optimizer = make_optimizer(
+        optim_config(lr=1e-3, warmup_steps=0, grad_clip_norm=1.0, schedule="constant", updates=3), params
+    )
     create = lambda p: TrainState.create(p, optimizer, jax.random.key(1))  # noqa: E731
     s_shard = state_shardings(jax.eval_shape(create, params), p_shard, mesh)
     state = jax.jit(create, out_shardings=s_shard)(params)

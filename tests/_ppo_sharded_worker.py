@@ -29,8 +29,7 @@ from cai_jax import sharding as sh  # noqa: E402
 from cai_jax.models import ScalarModel, Transformer, init_params, tiny_config  # noqa: E402
 from cai_jax.train import ppo  # noqa: E402
 from cai_jax.train.ppo import train_ppo, value_head_params  # noqa: E402
-from cai_jax.train.state import OptimConfig  # noqa: E402
-from tests.defaults import ppo_config  # noqa: E402
+from tests.defaults import optim_config, ppo_config  # noqa: E402
 
 MESHES = ((1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2))  # (data, fsdp, tensor); the first is the reference
 # Micro-batches of 8 rows split over data * fsdp <= 8; two of them per minibatch (accumulation),
@@ -52,7 +51,7 @@ PPO = ppo_config(
 # whose gradient is rounding noise (terms that cancel) moves by about +-lr either way: one run of
 # the same maths with 4 micro-batches instead of 2 on one device moved an o_proj entry 1e-5 apart,
 # 2x2x2 1e-4. eps=1e-5 (well under the typical |gradient|) keeps such coordinates linear in g.
-OPTIM = OptimConfig(lr=1e-3, eps=1e-5)
+OPTIM = optim_config(lr=1e-3, eps=1e-5, schedule="constant", updates=2)
 SKIP = ("time/",)  # wall-clock times differ by nature
 
 

@@ -17,6 +17,7 @@ from cai_jax.checkpoints.train_state import CheckpointConfig, Checkpointer
 from cai_jax.train import logs
 from cai_jax.train.fit import Step, fit
 from cai_jax.train.logs import JsonlLog, MetricsLogger
+from tests.defaults import checkpoint_config
 
 
 class Killed(BaseException):
@@ -110,18 +111,18 @@ def test_non_finite_stops_with_step_batch_and_last_good_checkpoint(tmp_path):
     ):
         _run(tmp_path, 7, source=Counter(nan_at=4))  # batch 4 is NaN: x (the loss) is NaN from step 5 on
     assert [json.loads(line)["step"] for line in _files(tmp_path)[0].splitlines()] == [1, 2, 3, 4]
-    assert Checkpointer(CheckpointConfig(str(tmp_path / "ckpt"))).all_steps() == [3]
+    assert Checkpointer(checkpoint_config(tmp_path / "ckpt")).all_steps() == [3]
 
 
 def test_exports_come_before_their_forced_checkpoint(tmp_path):
     events = []
 
     def export(state, folder):
-        saved = Checkpointer(CheckpointConfig(str(tmp_path / "ckpt"))).all_steps()
+        saved = Checkpointer(checkpoint_config(tmp_path / "ckpt")).all_steps()
         events.append((folder, float(state["x"]), saved))
 
     _run(tmp_path, 5, every=4, export_at={2: "two", 5: "five"}, export=export)
     assert events == [("two", 3.0, []), ("five", 15.0, [2, 4])]
-    assert Checkpointer(CheckpointConfig(str(tmp_path / "ckpt"))).all_steps() == [2, 4, 5]
+    assert Checkpointer(checkpoint_config(tmp_path / "ckpt")).all_steps() == [2, 4, 5]
     with pytest.raises(ValueError, match="export_at"):
         _run(tmp_path / "bad", 5, export_at={6: "six"}, export=export)

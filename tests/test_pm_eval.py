@@ -17,8 +17,9 @@ import pytest
 
 from cai_jax.eval.pm import pm_metrics, reliability_table, reward_stats
 from cai_jax.models import ScalarModel, tiny_config
-from cai_jax.train.state import OptimConfig, TrainState, make_optimizer
+from cai_jax.train.state import TrainState, make_optimizer
 from cai_jax.train.steps import eval_pm_batch, pm_step
+from tests.defaults import optim_config
 
 HAND_RTOL = 1e-12  # float64 host arithmetic against float64 hand formulas
 ECE_DELTA = 0.01  # a perfectly calibrated predictor exceeds `ece_noise_bound` with probability < 1%
@@ -211,7 +212,7 @@ def synthetic_pm_runs():
     )
     model = ScalarModel(cfg)
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
-    optimizer = make_optimizer(OptimConfig(lr=3e-3, b2=0.99), params)
+    optimizer = make_optimizer(optim_config(lr=3e-3, b2=0.99, schedule="constant", updates=_STEPS), params)
     step = jax.jit(functools.partial(pm_step, model=model, optimizer=optimizer))
     score = jax.jit(functools.partial(eval_pm_batch, model=model))
 

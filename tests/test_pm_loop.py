@@ -27,9 +27,9 @@ from cai_jax.train.pm import (
     train_pm,
     train_pmp_then_pm,
 )
-from cai_jax.train.state import OptimConfig
 from cai_jax.train.steps import pm_step
 from tests.conftest import TESTDATA
+from tests.defaults import checkpoint_config, optim_config
 
 SEQ_LEN, BATCH = 48, 4
 # Same fp32 program on CPU, different reduction grouping (a batch of 4 pairs vs a batch of 8 rows
@@ -87,7 +87,7 @@ def _run(cfg, params, rows, workdir, num_steps, tok, *, save_every=2, **kw):
         cfg,
         params,
         rows,
-        optim_cfg=OptimConfig(lr=1e-3),
+        optim_cfg=optim_config(lr=1e-3, schedule="constant", updates=num_steps),
         ckpt_cfg=CheckpointConfig(directory=str(workdir / "ckpt"), save_every_steps=save_every, keep_last=None),
         num_steps=num_steps,
         batch_size=BATCH,
@@ -285,7 +285,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(cfg, lm_params, to
     with pytest.raises(FloatingPointError, match="step 3"):
         _run(cfg, lm_params, _comparisons(12), tmp_path, 4, tok, step_fn=nan_at_step_3)
     assert [r["step"] for r in _rows(tmp_path)] == [1, 2]
-    ckpt = Checkpointer(CheckpointConfig(directory=str(tmp_path / "ckpt")))
+    ckpt = Checkpointer(checkpoint_config(tmp_path / "ckpt"))
     assert ckpt.all_steps() == [2]
     ckpt.close()
     assert not (tmp_path / "eval.json").exists()
@@ -312,7 +312,7 @@ def test_pmp_then_pm_chain_on_the_shipped_sample(cfg, lm_params, tok, tmp_path):
     from cai_jax.cai.pmp import build_pmp_pairs, shipped_pmp_sample
 
     pmp_rows = build_pmp_pairs(shipped_pmp_sample(), max_pairs_per_question=2)
-    phase = dict(optim_cfg=OptimConfig(lr=1e-3), num_steps=2, batch_size=BATCH)
+    phase = dict(optim_cfg=optim_config(lr=1e-3, schedule="constant", updates=2), num_steps=2, batch_size=BATCH)
     pmp, pm = train_pmp_then_pm(
         cfg,
         lm_params,

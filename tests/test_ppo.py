@@ -26,9 +26,9 @@ from cai_jax.scoring import sequence_token_logprobs
 from cai_jax.train import logs
 from cai_jax.train.ppo import layout, train_ppo
 from cai_jax.train.ppo_steps import compute_advantages, ppo_update, rollout_forward
-from cai_jax.train.state import OptimConfig, TrainState, make_optimizer
+from cai_jax.train.state import TrainState, make_optimizer
 from tests.conftest import TESTDATA, _random_params
-from tests.defaults import ppo_config
+from tests.defaults import optim_config, ppo_config
 
 GOLDEN = TESTDATA / "ppo_step_golden.json"
 # Set once. Same fp32 program on CPU as the run that wrote the golden; room only for summation
@@ -83,6 +83,11 @@ def _rows(workdir) -> list[dict]:
 
 def _ckpt(workdir, every=1):
     return CheckpointConfig(directory=str(workdir / "ckpt"), save_every_steps=every, keep_last=None)
+
+
+def _constant_lr(lr):
+    """The base optimizer at a constant `lr` (the goldens' schedule; a constant one reads no length)."""
+    return optim_config(lr=lr, schedule="constant", updates=1)
 
 
 # ---------------------------------------------------------------- config
@@ -187,7 +192,7 @@ def test_update_step_losses_match_hand_computation(cfg):
     expect["policy/clipfrac"] = (pg > -a * ratio)[resp_mask].mean()
 
     params = {"policy": policy_params, "value": value_params}
-    optimizer = make_optimizer(OptimConfig(lr=1e-3), params)
+    optimizer = make_optimizer(_constant_lr(1e-3), params)
     got = {}
     for k in (1, 2):  # one pass of 4 rows, or 2 accumulated micro-batches of 2
         p = dataclasses.replace(ppo, micro_batch_size=4 // k)
@@ -251,7 +256,7 @@ def golden_run(workdir) -> list[dict]:
         _pm(cfg),
         _prompts(16),
         ppo_cfg=GOLDEN_PPO,
-        optim_cfg=OptimConfig(lr=1e-3),
+        optim_cfg=_constant_lr(1e-3),
         num_iterations=2,
         seed=0,
         workdir=workdir,
@@ -303,7 +308,7 @@ def test_ppo_raises_a_known_reward_with_bounded_kl(cfg, tmp_path):
         None,
         _prompts(64),
         ppo_cfg=ppo,
-        optim_cfg=OptimConfig(lr=3e-3),
+        optim_cfg=_constant_lr(3e-3),
         num_iterations=60,
         seed=0,
         workdir=tmp_path,
@@ -354,7 +359,7 @@ def _resume_run(cfg, workdir, n, reward_fn=_reward_len, ppo=RESUME_PPO, every=2,
         None,
         _prompts(12, seed=1),
         ppo_cfg=ppo,
-        optim_cfg=OptimConfig(lr=1e-3),
+        optim_cfg=_constant_lr(1e-3),
         ckpt_cfg=_ckpt(workdir, every=every),
         num_iterations=n,
         seed=0,
@@ -461,7 +466,7 @@ def test_nan_reward_stops_and_keeps_last_good_checkpoint(cfg, tmp_path):
             None,
             _prompts(12, seed=1),
             ppo_cfg=ppo,
-            optim_cfg=OptimConfig(lr=1e-3),
+            optim_cfg=_constant_lr(1e-3),
             ckpt_cfg=_ckpt(tmp_path, every=1),
             num_iterations=5,
             seed=0,

@@ -23,7 +23,6 @@ from cai_jax.cai.constitution import ConstitutionError, default_constitution, sa
 from cai_jax.cai.prompts import Prompt, shipped_prompts
 from cai_jax.cai.revisions import (
     TRANSCRIPT_STOPS,
-    RevisionSettings,
     clean_text,
     dialogue_turns,
     load_revisions,
@@ -31,13 +30,14 @@ from cai_jax.cai.revisions import (
     run_revisions,
 )
 from cai_jax.jobs import Progress
+from tests.defaults import revision_settings
 
 # SmolLM2's chat template inserts this system turn when the conversation has none.
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 # The settings of the shared end-to-end run: 4 prompts in 2 batches of 2, first 4 principles. One
 # round keeps the number of compiled shapes (about 3 s each on 2 cores) down; runs with the
 # recorder below cover more rounds.
-BASE = RevisionSettings(num_revisions=1, num_principles=4, max_new_tokens=8, batch_size=2, seed=3)
+BASE = revision_settings(num_revisions=1, num_principles=4, max_new_tokens=8, batch_size=2, seed=3)
 
 
 def chatml(*messages: tuple[str, str]) -> str:
@@ -209,7 +209,7 @@ def test_engine_feeds_the_growing_dialogue(lm, constitution, tmp_path, monkeypat
     calls = []
     monkeypatch.setattr(rev, "_generate_step", recorder(calls))
     ps = [Prompt("a", "First question?", "test"), Prompt("b", "Second question?", "test")]
-    settings = RevisionSettings(num_revisions=2, max_new_tokens=8, batch_size=2, rendering="transcript", seed=7)
+    settings = revision_settings(num_revisions=2, max_new_tokens=8, batch_size=2, rendering="transcript", seed=7)
     run_revisions(lm, ps, constitution, settings, tmp_path, progress=False)
     rows = load_revisions(tmp_path).to_list()
     assert len(calls) == 5  # answer + 2 x (critique, revision)
@@ -250,7 +250,15 @@ def test_few_shot_transcript_precedes_the_dialogue(lm, constitution, tmp_path, m
     ps = [Prompt("a", "P", "test")]
     for rendering in ("transcript", "chat"):
         calls.clear()
-        settings = RevisionSettings(num_revisions=1, num_few_shots=1, mode=mode, rendering=rendering, max_new_tokens=8)
+        settings = revision_settings(
+            num_revisions=1,
+            num_principles=None,
+            num_few_shots=1,
+            mode=mode,
+            rendering=rendering,
+            max_new_tokens=8,
+            seed=0,
+        )
         run_revisions(lm, ps, constitution, settings, tmp_path / rendering, progress=False)
         pr = sample_sl_principles(constitution, 1, np.random.default_rng([0, 0]))[0]
         if rendering == "transcript":
@@ -454,11 +462,11 @@ def test_bad_input_is_refused_with_a_clear_error(lm, prompts, constitution, base
     with pytest.raises(ValueError, match="num_few_shots=4.*3 SL few-shot"):
         run_revisions(lm, prompts, constitution, dataclasses.replace(BASE, num_few_shots=4), out, progress=False)
     with pytest.raises(ValueError, match=r"revisions\.mode='rewrite'"):
-        RevisionSettings(mode="rewrite")
+        revision_settings(mode="rewrite")
     with pytest.raises(ValueError, match=r"revisions\.rendering='raw'"):
-        RevisionSettings(rendering="raw")
+        revision_settings(rendering="raw")
     with pytest.raises(ValueError, match="num_revisions"):
-        RevisionSettings(num_revisions=-1)
+        revision_settings(num_revisions=-1)
     assert shards(out) == before  # nothing already written is lost
     assert load_revisions(out).to_list() == rows
 

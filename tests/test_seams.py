@@ -27,9 +27,8 @@ from cai_jax.text import encode, encode_exchange, encode_prompt, encode_text, en
 from cai_jax.train.pm_data import tokenize_comparison
 from cai_jax.train.pm_reward import PMReward
 from cai_jax.train.ppo import _encode_prompts, layout, train_ppo
-from cai_jax.train.state import OptimConfig
 from tests.conftest import smollm2_tokenizer
-from tests.defaults import ppo_config
+from tests.defaults import optim_config, ppo_config
 
 # One fp32 forward vs another of the same tokens with other padding / batch shapes.
 SAME_MATH_RTOL, SAME_MATH_ATOL = 1e-5, 1e-6
@@ -115,12 +114,12 @@ def test_transcript_gets_bos_wherever_the_tokenizer_adds_it(spiece, smol, monkey
         return types.SimpleNamespace(texts=lambda tok: [" ab"] * len(prompt_ids))
 
     from cai_jax.cai import revisions
-    from tests.defaults import feedback_settings
+    from tests.defaults import feedback_settings, revision_settings
 
     monkeypatch.setattr(revisions, "generate", fake_generate)
     monkeypatch.setattr(fb, "generate", fake_generate)
     lm = types.SimpleNamespace(tokenizer=spiece, config=tiny_config("llama"))
-    settings = revisions.RevisionSettings(
+    settings = revision_settings(
         num_revisions=0, rendering="transcript", max_new_tokens=4, seed=0, temperature=1.0, top_p=1.0
     )
     revisions._generate_step(
@@ -236,7 +235,7 @@ def test_ppo_loop_logs_the_score_of_score_texts(tmp_path, smol, monkeypatch):
         sample_every=1, num_samples_logged=4,
     )  # fmt: skip
     train_ppo(
-        policy, policy, pm, PROMPTS, ppo_cfg=ppo, optim_cfg=OptimConfig(lr=0.0), ckpt_cfg=False,
+        policy, policy, pm, PROMPTS, ppo_cfg=ppo, optim_cfg=optim_config(lr=0.0, updates=1), ckpt_cfg=False,
         num_iterations=1, workdir=tmp_path / "ppo", rendering="chat",
     )  # fmt: skip
     import json
@@ -255,7 +254,7 @@ def test_value_model_starts_at_the_normalised_pm_score(tmp_path, smol):
     policy = _lm(cfg, smol)
     ppo = ppo_config(rollout_batch_size=4, minibatch_size=4, micro_batch_size=4, ppo_epochs=1, max_new_tokens=16)
     state = train_ppo(
-        policy, policy, pm, PROMPTS, ppo_cfg=ppo, optim_cfg=OptimConfig(), ckpt_cfg=False, num_iterations=0,
+        policy, policy, pm, PROMPTS, ppo_cfg=ppo, optim_cfg=optim_config(lr=1e-4, updates=1), ckpt_cfg=False, num_iterations=0,
         workdir=tmp_path / "ppo", rendering="chat",
     )  # fmt: skip
     prompt_ids, responses, lengths, ended = _rollout(smol, "chat", RESPONSES, [True] * 4)
@@ -279,6 +278,6 @@ def test_a_pm_without_reward_statistics_is_refused(tmp_path, smol):
         pm.normalize([0.0])
     with pytest.raises(ValueError, match="no reward statistics"):
         train_ppo(
-            _lm(cfg, smol), _lm(cfg, smol), pm, PROMPTS, ppo_cfg=ppo_config(), optim_cfg=OptimConfig(),
+            _lm(cfg, smol), _lm(cfg, smol), pm, PROMPTS, ppo_cfg=ppo_config(), optim_cfg=optim_config(lr=1e-4, updates=1),
             num_iterations=1, workdir=tmp_path / "ppo", rendering="chat",
         )  # fmt: skip

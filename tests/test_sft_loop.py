@@ -19,8 +19,9 @@ from cai_jax.models import Transformer, init_params, tiny_config
 from cai_jax.sharding import make_mesh, param_shardings
 from cai_jax.train.loop import state_shardings
 from cai_jax.train.sft import SFTBatcher, train_sft
-from cai_jax.train.state import OptimConfig, TrainState, make_optimizer
+from cai_jax.train.state import TrainState, make_optimizer
 from cai_jax.train.steps import sft_step
+from tests.defaults import checkpoint_config, optim_config
 
 SEQ_LEN, BATCH = 32, 4
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ def _run(cfg, params, examples, workdir, num_steps, *, save_every=3, lr=1e-3, **
         cfg,
         params,
         examples,
-        optim_cfg=OptimConfig(lr=lr),
+        optim_cfg=optim_config(lr=lr, schedule="constant", updates=num_steps),
         ckpt_cfg=CheckpointConfig(directory=str(workdir / "ckpt"), save_every_steps=save_every, keep_last=None),
         num_steps=num_steps,
         batch_size=BATCH,
@@ -88,7 +89,7 @@ def test_resume_matches_uninterrupted(cfg, params, tmp_path):
     assert int(state_a.step) == int(state_b.step) == 6
     for x, y in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    assert Checkpointer(CheckpointConfig(directory=str(b / "ckpt"))).all_steps() == [3, 6]
+    assert Checkpointer(checkpoint_config(b / "ckpt")).all_steps() == [3, 6]
 
 
 # A child that trains like `_run(..., 6)` and SIGKILLs itself once step 5's row is on disk (its last
@@ -127,7 +128,7 @@ def test_killed_with_sigkill_resumes_to_the_uninterrupted_metrics(cfg, params, t
     )
     assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
     assert [r["step"] for r in _rows(b)] == [1, 2, 3, 4, 5]
-    assert Checkpointer(CheckpointConfig(directory=str(b / "ckpt"))).all_steps() == [3]
+    assert Checkpointer(checkpoint_config(b / "ckpt")).all_steps() == [3]
     _run(cfg, params, _examples(12), b, 6)
     assert _untimed(b) == _untimed(a)  # before: steps 1, 2, 3, 4, 5, 4, 5, 6
     assert len(_untimed(a)) == 6 and all(r["tokens_per_s"] > 0 for r in _rows(b))
@@ -151,7 +152,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(cfg, params, tmp_p
     with pytest.raises(FloatingPointError, match="step 4"):
         _run(cfg, params, _examples(12), tmp_path, 6, step_fn=nan_at_step_4)
     assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3]
-    ckpt = Checkpointer(CheckpointConfig(directory=str(tmp_path / "ckpt")))
+    ckpt = Checkpointer(checkpoint_config(tmp_path / "ckpt"))
     assert ckpt.all_steps() == [3]
     ckpt.close()
 
@@ -200,7 +201,7 @@ def test_missing_field_is_a_clear_error():
 def test_state_shardings_follow_params(cfg, params):
     mesh = make_mesh()
     p_shardings = param_shardings(Transformer(cfg), jax.ShapeDtypeStruct((BATCH, SEQ_LEN), jnp.int32), mesh)
-    optimizer = make_optimizer(OptimConfig(), params)
+    optimizer = make_optimizer(optim_config(lr=1e-4, updates=1), params)
     abstract = jax.eval_shape(lambda p: TrainState.create(p, optimizer, jax.random.key(0)), params)
     shardings = state_shardings(abstract, p_shardings, mesh)
     assert jax.tree.structure(shardings.opt_state) == jax.tree.structure(abstract.opt_state)

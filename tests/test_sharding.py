@@ -65,7 +65,7 @@ def test_mesh_shape_errors(cfg, match):
 
 
 def test_make_mesh_names_sizes_and_device_count():
-    mesh = sh.make_mesh(sh.MeshConfig())
+    mesh = sh.make_mesh()  # DATA_PARALLEL
     assert mesh.axis_names == sh.MESH_AXES and mesh.devices.shape == (jax.device_count(), 1, 1)
     with pytest.raises(ValueError, match=rf"'data': {jax.device_count() + 1}.*{jax.device_count()} available devices"):
         sh.make_mesh({"data": jax.device_count() + 1, "fsdp": 1, "tensor": 1})

@@ -26,6 +26,7 @@ from cai_jax.train.state import OptimConfig, TrainState, decay_mask, make_optimi
 from cai_jax.train.steps import check_finite, eval_pm_batch, sft_loss_fn, sft_step
 from scripts import make_train_goldens as goldens
 from tests.conftest import TESTDATA
+from tests.defaults import optim_config
 
 # Set once. The golden was written by the same fp32 code on CPU; XLA's CPU results are
 # deterministic for a given program, and 1e-5 leaves room only for summation-order changes across
@@ -164,7 +165,7 @@ def test_grad_accumulation_matches_full_batch(cfg):
 
 def test_frozen_params_stay_bitwise_unchanged(cfg):
     params = goldens.sft_params()
-    ocfg = OptimConfig(lr=1e-2, weight_decay=0.1, frozen=(r"^layers_0/", r"^norm/"))
+    ocfg = optim_config(lr=1e-2, weight_decay=0.1, frozen=(r"^layers_0/", r"^norm/"), schedule="constant", updates=2)
     opt = make_optimizer(ocfg, params)
     before = _flat(_copy(params))
     state = TrainState.create(params, opt, jax.random.key(0))
@@ -185,22 +186,26 @@ def test_frozen_params_stay_bitwise_unchanged(cfg):
 def test_frozen_regex_that_matches_nothing_is_an_error(cfg):
     params = goldens.sft_params()
     with pytest.raises(ValueError, match=re.escape("regex 'layer_0/' matches no parameter")):
-        make_optimizer(OptimConfig(frozen=("layer_0/",)), params)
+        make_optimizer(optim_config(lr=1e-4, frozen=("layer_0/",), updates=1), params)
 
 
 def test_schedule_values():
-    cosine = make_schedule(OptimConfig(lr=1.0, warmup_steps=10, schedule="cosine", total_steps=110, min_lr_ratio=0.1))
+    cosine = make_schedule(optim_config(lr=1.0, warmup_steps=10, schedule="cosine", total_steps=110, min_lr_ratio=0.1))
     # Warmup lr * s / 10; then 0.1 + 0.9 * (1 + cos(pi * (s - 10) / 100)) / 2; floor 0.1 after 110.
     hand = {0: 0.0, 5: 0.5, 10: 1.0, 35: 0.1 + 0.45 * (1 + math.cos(math.pi / 4)), 60: 0.55, 110: 0.1, 500: 0.1}
     for step, value in hand.items():
         np.testing.assert_allclose(float(cosine(step)), value, rtol=1e-6, atol=1e-7, err_msg=f"step {step}")
-    constant = make_schedule(OptimConfig(lr=2e-3, warmup_steps=4, schedule="constant"))
+    constant = make_schedule(optim_config(lr=2e-3, warmup_steps=4, schedule="constant", updates=10_000))
     for step, value in {0: 0.0, 1: 5e-4, 3: 1.5e-3, 4: 2e-3, 10_000: 2e-3}.items():
         np.testing.assert_allclose(float(constant(step)), value, rtol=1e-6, err_msg=f"step {step}")
-    assert float(make_schedule(OptimConfig(lr=3e-4))(0)) == pytest.approx(3e-4)  # no warmup: full lr at once
+    assert float(make_schedule(optim_config(lr=3e-4, schedule="constant", updates=1))(0)) == pytest.approx(
+        3e-4
+    )  # no warmup: full lr at once
     # Under accumulation the schedule counts optimizer updates: micro-steps 6 and 7 feed update 3.
     params = {"w": jnp.zeros((2, 2))}
-    opt = make_optimizer(OptimConfig(lr=1.0, warmup_steps=10, schedule="constant", grad_accum_steps=2), params)
+    opt = make_optimizer(
+        optim_config(lr=1.0, warmup_steps=10, schedule="constant", grad_accum_steps=2, updates=4), params
+    )
     assert [float(opt.lr(s)) for s in (0, 1, 6, 7)] == pytest.approx([0.0, 0.0, 0.3, 0.3])
 
 
@@ -221,7 +226,9 @@ def test_weight_decay_mask_excludes_norms_and_biases():
 
     # Behaviour: zero gradients make Adam's step exactly 0, leaving only the decay -lr * wd * p.
     lr, wd = 0.1, 0.5
-    opt = make_optimizer(OptimConfig(lr=lr, weight_decay=wd, grad_clip_norm=0.0), params)
+    opt = make_optimizer(
+        optim_config(lr=lr, weight_decay=wd, grad_clip_norm=0.0, schedule="constant", updates=1), params
+    )
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = jax.jit(opt.update)(zeros, opt.init(params), params)
     for path, u in _flat(updates).items():

@@ -73,18 +73,19 @@ _BOILERPLATE = re.compile(
 
 @dataclasses.dataclass(frozen=True)
 class RevisionSettings:
-    """Knobs of the revision engine (all come from the config)."""
+    """Knobs of the revision engine. No field has a default: `configs/base.py`'s `revisions` section
+    is their one home (the revisions stage builds them: experiments/stages/revisions.py)."""
 
-    num_revisions: int = 4  # critique -> revision rounds per prompt
-    num_principles: int | None = None  # sample from the first k SL principles; None = all
-    mode: str = "critique"  # critique | direct
-    num_few_shots: int = 0  # constitution few-shot transcripts prepended; 0 = none
-    temperature: float = 1.0  # paper: T = 1
-    top_p: float = 1.0
-    max_new_tokens: int = 128  # per generated step (answer, critique or revision)
-    rendering: str = "chat"  # chat (chat template) | transcript (paper's raw framing)
-    seed: int = 0
-    batch_size: int = 16  # prompts per generate call and per output shard
+    num_revisions: int  # critique -> revision rounds per prompt
+    num_principles: int | None  # sample from the first k SL principles; None = all
+    mode: str  # critique | direct
+    num_few_shots: int  # constitution few-shot transcripts prepended; 0 = none
+    temperature: float  # sampling temperature (paper: T = 1)
+    top_p: float  # nucleus mass; 1 disables
+    max_new_tokens: int  # per generated step (answer, critique or revision)
+    rendering: str  # chat (chat template) | transcript (paper's raw framing)
+    seed: int  # principles and samples follow (seed, prompt / batch index)
+    batch_size: int  # prompts per generate call and per output shard
 
     def __post_init__(self):
         if self.mode not in ("critique", "direct"):

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from cai_jax.checkpoints.train_state import CheckpointConfig, Checkpointer
-from cai_jax.sharding import MeshConfig, Rules, batch_sharding, global_batch, process_shard
+from cai_jax.sharding import DATA_PARALLEL, Rules, batch_sharding, global_batch, process_shard
 from cai_jax.train.flops import resolve_peak_flops
 from cai_jax.train.logs import MetricsLogger
 from cai_jax.train.loop import Batcher, init_train_state, jit_train_step
@@ -174,7 +174,9 @@ def fit(
 
 def default_checkpoints(workdir: str | os.PathLike, num_steps: int) -> CheckpointConfig:
     """`workdir/checkpoints`, saving only the last step: a trainer's default."""
-    return CheckpointConfig(directory=os.path.join(workdir, "checkpoints"), save_every_steps=max(int(num_steps), 1))
+    return CheckpointConfig(
+        directory=os.path.join(workdir, "checkpoints"), save_every_steps=max(int(num_steps), 1), keep_last=3
+    )
 
 
 def fit_batches(
@@ -208,7 +210,7 @@ def fit_batches(
     """
     ocfg = optim_cfg if isinstance(optim_cfg, OptimConfig) else OptimConfig.from_config(optim_cfg)
     sample = jax.ShapeDtypeStruct((batcher.batch_size, seq_len), jnp.int32)
-    mesh_cfg = MeshConfig() if mesh_cfg is None else mesh_cfg
+    mesh_cfg = DATA_PARALLEL if mesh_cfg is None else mesh_cfg
     state, shardings, optimizer, mesh = init_train_state(
         module, params, sample, optim_cfg=ocfg, mesh_cfg=mesh_cfg, rules=rules, seed=seed
     )

@@ -200,7 +200,7 @@ def init_train_state(
       params: unboxed host or device params, or None for `sharded_init` with `key(seed)`.
       sample_input: the module's first call argument(s) (arrays or ShapeDtypeStructs), for shapes.
       optim_cfg: the optimizer config.
-      mesh, mesh_cfg: the mesh, or its sizes (default `MeshConfig()`: all devices data-parallel).
+      mesh, mesh_cfg: the mesh, or its sizes (default `DATA_PARALLEL`: all devices data-parallel).
       rules: logical-axis rules.
       seed: init and state rng seed.
 

@@ -1,7 +1,8 @@
 """The preference-model trainer (Bai et al. 2022, sec. 4.1; PMP from Askell et al. 2021, sec. 4).
 
     rows = load_comparisons("feedback/comparisons.jsonl")      # or a list of dicts, a datasets folder
-    result = train_pm(lm.config, lm.params, rows, tokenizer=lm.tokenizer, optim_cfg=OptimConfig(lr=1e-5),
+    optim = OptimConfig.from_config(cfg.pm.optim, updates=1000)  # cfg: a config, e.g. configs/base.py
+    result = train_pm(lm.config, lm.params, rows, tokenizer=lm.tokenizer, optim_cfg=optim,
                       num_steps=1000, batch_size=32, seq_len=512, seed=0, workdir=f"{run}/pm",
                       eval_comparisons=held_out, export_dir=f"{run}/pm/export")
     pm = load_pm(f"{run}/pm/export")                             # cai_jax.checkpoints.pm

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cai_jax.models import ScalarModel
-from cai_jax.sharding import DEFAULT_RULES, MeshConfig, make_mesh, param_shardings, shard_params, with_rules
+from cai_jax.sharding import DEFAULT_RULES, make_mesh, param_shardings, shard_params, with_rules
 from cai_jax.text import bucket_length, end_of_turn_id, fit_exchange
 
 __all__ = ["PMReward", "same_vocabulary", "same_rendering", "chunks"]
@@ -123,7 +123,7 @@ class PMReward:
         if self.same and tokenizer is not None and (self.pm_rendering or rendering):
             self.end_id = end_of_turn_id(tokenizer, self.pm_rendering or rendering)
         self.pad = int(pm.config.pad_token_id or 0)
-        self._mesh, self._rules = mesh or make_mesh(MeshConfig()), rules or DEFAULT_RULES
+        self._mesh, self._rules = mesh or make_mesh(), rules or DEFAULT_RULES
         sample = jax.ShapeDtypeStruct((self.batch_size, 16), jnp.int32)
         self.params = shard_params(pm.params, param_shardings(ScalarModel(pm.config), sample, self._mesh, self._rules))
         self._fn = _pm_scores(pm.config)

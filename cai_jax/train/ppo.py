@@ -52,8 +52,8 @@ from cai_jax.models import ScalarModel, Transformer
 from cai_jax.sampling import generate
 from cai_jax.sharding import (
     BATCH_AXES,
+    DATA_PARALLEL,
     DEFAULT_RULES,
-    MeshConfig,
     Rules,
     batch_sharding,
     make_mesh,
@@ -255,7 +255,7 @@ def train_ppo(
         )
     stream = PromptStream(prompt_ids, batch_size=cfg.rollout_batch_size, seed=seed)
 
-    mesh = make_mesh(MeshConfig() if mesh_cfg is None else mesh_cfg)
+    mesh = make_mesh(DATA_PARALLEL if mesh_cfg is None else mesh_cfg)
     rules = tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in rules)
     if pm is not None:  # checks the vocabularies before anything compiles
         reward_fn = PMReward(

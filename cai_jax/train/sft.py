@@ -1,7 +1,8 @@
 """The SL-CAI supervised fine-tuning loop (paper sec. 3): fixed-length batches, resumable exactly.
 
-    state = train_sft(tiny_config("llama"), params, examples, optim_cfg=OptimConfig(lr=1e-3),
-                      ckpt_cfg=CheckpointConfig(directory=f"{workdir}/ckpt", save_every_steps=100),
+    optim = OptimConfig.from_config(cfg.sft.optim, updates=1000)  # cfg: a config, e.g. configs/base.py
+    state = train_sft(tiny_config("llama"), params, examples, optim_cfg=optim,
+                      ckpt_cfg=CheckpointConfig(directory=f"{workdir}/ckpt", save_every_steps=100, keep_last=2),
                       num_steps=1000, batch_size=8, seq_len=256, seed=0, workdir=workdir)
 
 Writes `workdir/metrics.jsonl` (one row per step: loss, accuracy, tokens, grad_norm, lr,
@@ -209,7 +210,7 @@ def train_sft(
       examples: `SFTExample`s or dicts with "input_ids" and "loss_mask".
       optim_cfg: `OptimConfig` or its config dict.
       ckpt_cfg: where and how often to save; default `workdir/checkpoints`, saving only the end.
-      mesh_cfg: mesh sizes (default None: `MeshConfig()`, all devices on the data axis).
+      mesh_cfg: mesh sizes (default None: `DATA_PARALLEL`, all devices on the data axis).
       num_steps, batch_size, seq_len, seed: run length, global batch rows, padded length, data
         order and state rng seed.
       workdir: folder for metrics.jsonl (on resume, cut back to the restored step, then appended to).

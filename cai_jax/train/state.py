@@ -71,23 +71,23 @@ def strict_fields(cls: type, cfg: Mapping[str, Any] | Any, section: str) -> dict
 class OptimConfig:
     """Optimizer hyper-parameters (a config's `optim` sub-dict, converted by `from_config`).
 
-    The defaults here are for building one in Python (tests, scripts); a config file must spell
-    out every field (the config file is where a run's defaults live), so `from_config` treats a
-    missing field as an error.
+    No field has a default: `configs/base.py`'s `optim(...)` is their one home, so a config file
+    spells out every field and `from_config` treats a missing one as an error (tests build one
+    from the base config: tests/defaults.py).
     """
 
-    lr: float = 1e-4  # peak learning rate, per optimizer update
-    warmup_steps: int = 0  # optimizer updates of linear warmup from 0 to `lr`
-    schedule: str = "constant"  # "constant" | "cosine" (after warmup)
-    total_steps: int = 1000  # optimizer updates; cosine reaches lr * min_lr_ratio here (0 in a config: derived)
-    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of `lr`
-    weight_decay: float = 0.0  # decoupled AdamW decay (multiplied by the current lr); matrices only
-    b1: float = 0.9  # Adam first-moment decay
-    b2: float = 0.95  # Adam second-moment decay
-    eps: float = 1e-8  # Adam denominator epsilon
-    grad_clip_norm: float = 1.0  # max global L2 norm of the (accumulated) gradient; 0 disables
-    grad_accum_steps: int = 1  # micro-batches averaged per optimizer update (1 = no accumulation)
-    frozen: tuple[str, ...] = ()  # regexes (re.search) on "/"-joined param paths; matches get no update
+    lr: float  # peak learning rate, per optimizer update
+    warmup_steps: int  # optimizer updates of linear warmup from 0 to `lr`
+    schedule: str  # "constant" | "cosine" (after warmup)
+    total_steps: int  # optimizer updates; cosine reaches lr * min_lr_ratio here (0 in a config: derived)
+    min_lr_ratio: float  # cosine floor, as a fraction of `lr`
+    weight_decay: float  # decoupled AdamW decay (multiplied by the current lr); matrices only
+    b1: float  # Adam first-moment decay
+    b2: float  # Adam second-moment decay
+    eps: float  # Adam denominator epsilon
+    grad_clip_norm: float  # max global L2 norm of the (accumulated) gradient; 0 disables
+    grad_accum_steps: int  # micro-batches averaged per optimizer update (1 = no accumulation)
+    frozen: tuple[str, ...]  # regexes (re.search) on "/"-joined param paths; matches get no update
 
     def __post_init__(self):
         if isinstance(self.frozen, str):

@@ -51,9 +51,39 @@ class Config:
     def build(cls, cfg) -> Config:
         return take(cls, cfg, "config")
 
+    def settings(self):
+        """The engine's `RevisionSettings` for the red-team prompts."""
+        from cai_jax.cai.revisions import RevisionSettings
+
+        r = self.revisions
+        return RevisionSettings(
+            num_revisions=r.num_revisions,
+            num_principles=r.num_principles or None,
+            mode=r.mode,
+            num_few_shots=r.num_few_shots,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            max_new_tokens=r.max_new_tokens,
+            rendering=r.rendering,
+            seed=stage_seed(self.seed, "revisions"),
+            batch_size=r.batch_size,
+        )
+
+    def helpful_settings(self):
+        """The helpful samples': the answer alone, no rounds and no few-shots (paper sec. 3.1).
+        Without rounds the mode and principles are unread; they stay as earlier folders recorded them."""
+        return dataclasses.replace(
+            self.settings(),
+            num_revisions=0,
+            num_principles=None,
+            mode="critique",
+            num_few_shots=0,
+            max_new_tokens=self.revisions.helpful_max_new_tokens,
+        )
+
 
 def run(ctx: StageContext, cfg: Config) -> dict:
-    from cai_jax.cai.revisions import RevisionSettings, load_revisions, run_revisions
+    from cai_jax.cai.revisions import load_revisions, run_revisions
 
     r = cfg.revisions
     lm = load_base_model(ctx, cfg.model, cfg.seed)
@@ -62,26 +92,10 @@ def run(ctx: StageContext, cfg: Config) -> dict:
     help_train, _, help_report = load_prompt_split(ctx, cfg.prompts, "helpful", cfg.seed)
     if r.num_prompts:
         red_train = red_train[: r.num_prompts]
-    common = dict(
-        temperature=r.temperature,
-        top_p=r.top_p,
-        rendering=r.rendering,
-        seed=stage_seed(cfg.seed, "revisions"),
-        batch_size=r.batch_size,
-    )
-    settings = RevisionSettings(
-        num_revisions=r.num_revisions,
-        num_principles=r.num_principles or None,
-        mode=r.mode,
-        num_few_shots=r.num_few_shots,
-        max_new_tokens=r.max_new_tokens,
-        **common,
-    )
-    # Helpful samples: the same model's answers to helpfulness prompts, no revisions (paper sec. 3.1).
-    helpful = RevisionSettings(num_revisions=0, max_new_tokens=r.helpful_max_new_tokens, **common)
     kw = dict(process_index=jax.process_index(), process_count=jax.process_count(), progress=ctx.run.log.progress)
-    run_revisions(lm, red_train, constitution, settings, ctx.dir / "red_team", **kw)
-    run_revisions(lm, help_train, constitution, helpful, ctx.dir / "helpful", **kw)
+    run_revisions(lm, red_train, constitution, cfg.settings(), ctx.dir / "red_team", **kw)
+    # Helpful samples: the same model's answers to helpfulness prompts, no revisions (paper sec. 3.1).
+    run_revisions(lm, help_train, constitution, cfg.helpful_settings(), ctx.dir / "helpful", **kw)
     return {
         "red_team_rows": len(load_revisions(ctx.dir / "red_team")),
         "helpful_rows": len(load_revisions(ctx.dir / "helpful")),
