@@ -10,6 +10,8 @@ and (for the same feedback settings) every upstream stage once. Runs go in turn 
 --print-commands the runner prints one `experiments.launch` command per run instead, for a
 cluster (run the first one to the end first if the others should reuse its shared stages: each
 command links what is finished when it starts, via --reuse-from the first run's workdir).
+`--reuse-from WORKDIR` (repeatable) links the finished stages of runs outside the sweep as well,
+e.g. a baseline run whose revisions and SFT every run of a label sweep shares.
 
 A config may define `SWEEP_STAGES` (the stages its figure needs, default all) and `SWEEP_FIGURE`
 (which cross-run figure `experiments.report.sweep_report` draws: revisions, principles,
@@ -74,6 +76,12 @@ def main(argv=None) -> int:
     p.add_argument("--stages", default=None, help="stages per run (default: the config's SWEEP_STAGES, else all)")
     p.add_argument("--print-commands", action="store_true", help="print one launch command per run and exit")
     p.add_argument("--overwrite", action="store_true", help="allow changed configs in existing run folders")
+    p.add_argument(
+        "--reuse-from",
+        action="append",
+        default=[],
+        help="also link finished stages with the same hash from this workdir",
+    )
     process.add_distributed_flags(p)
     args, rest = p.parse_known_args(argv)
     try:
@@ -102,11 +110,11 @@ def main(argv=None) -> int:
                 ]
                 if stages:
                     cmd += ["--stages", stages]
-                if i:
-                    cmd += ["--reuse-from", str(first)]
+                for source in args.reuse_from + ([str(first)] if i else []):
+                    cmd += ["--reuse-from", str(source)]
                 print(shlex.join(cmd))
             return 0
-        finished: list[Path] = []
+        finished: list[Path] = [Path(r) for r in args.reuse_from]
         for name, cfg, _ in runs:
             print(f"[sweep] run {name}", flush=True)
             with wandb_run(cfg, root / name):

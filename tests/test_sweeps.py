@@ -3,7 +3,10 @@
 Each sweep runs as a user would run it (`python -m experiments.sweep`), on the tiny config: the
 runs share the stages their configs have in common, and the cross-run figure and table are drawn.
 Sweeps over revision settings train no preference model of their own; as the README says, they
-are given one to score with (`--config.eval.scorer_pm`), here a tiny run's.
+are given one to score with (`--config.eval.scorer_pm`), here a tiny run's. Every sweep also
+links that run's finished stages where their hashes match (`--reuse-from`), as a researcher reuses
+a baseline: the label and KL sweeps then start at feedback and ppo, and the test stays within CI's
+time.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ def _run(args: list[str], timeout: float = 1500) -> str:
 
 
 @pytest.fixture(scope="module")
-def scorer_pm(tmp_path_factory):
-    """A tiny run's preference model, for the sweeps that train none."""
+def baseline(tmp_path_factory):
+    """A tiny run up to its preference model: the scorer of the sweeps that train none, and the
+    finished stages every sweep may reuse."""
     workdir = tmp_path_factory.mktemp("scorer") / "run"
     _run(
         [
@@ -48,15 +52,17 @@ def scorer_pm(tmp_path_factory):
             "revisions,sft,feedback,pm",
         ]
     )
-    return workdir / "pm" / "export"
+    return workdir
 
 
 @pytest.mark.parametrize("name", SWEEPS)
-def test_sweep_runs_to_its_report(name, scorer_pm, tmp_path):
+def test_sweep_runs_to_its_report(name, baseline, tmp_path):
     spec = f"configs/{name}:tiny"
     module = load_config_module(spec)
     stages = getattr(module, "SWEEP_STAGES", "all")
-    extra = [] if "pm" in stages.split(",") else [f"--config.eval.scorer_pm={scorer_pm}"]
+    extra = ["--reuse-from", str(baseline)]
+    if "pm" not in stages.split(","):
+        extra.append(f"--config.eval.scorer_pm={baseline / 'pm' / 'export'}")
     out = _run(["experiments.sweep", "--config", spec, "--root", str(tmp_path), *extra])
     runs = [run for run, _, _ in expand(spec)]
     report = (tmp_path / "sweep_report.md").read_text()
