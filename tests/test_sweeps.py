@@ -18,11 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from experiments.config_util import load_config_module
+from experiments.config_util import load_config, load_config_module
+from experiments.pipeline import stage_hashes
+from experiments.stages import REGISTRY
 from experiments.sweep import expand
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted(p.name for p in (ROOT / "configs").glob("ablate_*.py"))
+BASELINE_STAGES = ("revisions", "sft", "feedback", "pm")
 pytestmark = pytest.mark.slow
 
 
@@ -49,7 +52,7 @@ def baseline(tmp_path_factory):
             "--workdir",
             str(workdir),
             "--stages",
-            "revisions,sft,feedback,pm",
+            ",".join(BASELINE_STAGES),
         ]
     )
     return workdir
@@ -64,7 +67,14 @@ def test_sweep_runs_to_its_report(name, baseline, tmp_path):
     if "pm" not in stages.split(","):
         extra.append(f"--config.eval.scorer_pm={baseline / 'pm' / 'export'}")
     out = _run(["experiments.sweep", "--config", spec, "--root", str(tmp_path), *extra])
-    runs = [run for run, _, _ in expand(spec)]
+    expanded = expand(spec)
+    runs = [run for run, _, _ in expanded]
+    # Every stage a run shares with the baseline (same hash) is the baseline's, linked, not rerun.
+    shared = stage_hashes(load_config("configs/tiny.py"), REGISTRY)
+    for run, cfg, _ in expanded:
+        for stage, h in stage_hashes(cfg, REGISTRY).items():
+            if stage in BASELINE_STAGES and h == shared[stage]:
+                assert (tmp_path / run / stage).resolve() == (baseline / stage).resolve(), (run, stage)
     report = (tmp_path / "sweep_report.md").read_text()
     assert f"{len(runs)} runs done" in out
     for run in runs:
