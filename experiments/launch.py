@@ -15,6 +15,8 @@ linked). Multi-host: set up `jax.distributed` (the usual cluster environment var
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 if __name__ == "__main__":  # before anything heavy is imported: the process may be replaced
@@ -23,8 +25,9 @@ if __name__ == "__main__":  # before anything heavy is imported: the process may
     entry.reexec()
 
 from experiments import entry  # noqa: E402
-from experiments.config_util import ConfigError, load_config, parse_known_overrides  # noqa: E402
-from experiments.pipeline import StageError, WorkdirError, run_pipeline  # noqa: E402
+from experiments.config_util import load_config, parse_known_overrides  # noqa: E402
+from experiments.failures import failure_line  # noqa: E402
+from experiments.pipeline import run_pipeline  # noqa: E402
 from experiments.stages import REGISTRY  # noqa: E402
 from experiments.wandb_log import wandb_run  # noqa: E402
 
@@ -45,7 +48,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv=None) -> int:
+    """The launch; every failure is one `error: <what>, <where>` line on stderr and exit code 2
+    (130 for Ctrl-C), with the traceback logged only at --log-level DEBUG (experiments/failures.py)."""
     args, overrides = parse_args(argv)
+    cfg = None
     try:
         entry.start(args)
         cfg = load_config(args.config, overrides)
@@ -59,11 +65,25 @@ def main(argv=None) -> int:
                 fork=args.fork,
                 reuse_from=args.reuse_from,
             )
-    except (ConfigError, StageError, WorkdirError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as e:
+        logging.getLogger("experiments.launch").debug("the launch failed", exc_info=e)
+        flags = [("--workdir", args.workdir), ("--fork", args.fork), ("--config", args.config.split(":")[0])]
+        flags += [("--reuse-from", r) for r in args.reuse_from]
+        print(failure_line(e, cfg, [(k, v) for k, v in flags if v]), file=sys.stderr, flush=True)
+        return 130 if isinstance(e, KeyboardInterrupt) else 2
     return 0
 
 
+def _exit(code: int) -> None:
+    """Exits with `code`; after a failure without running interpreter shutdown, where threads of a
+    failed checkpoint writer (orbax, tensorstore) would print tracebacks under the error line."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code:
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

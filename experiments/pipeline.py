@@ -34,7 +34,10 @@ import ml_collections
 from cai_jax import atomic
 from experiments.config_util import to_json
 from experiments.context import RunSettings, StageContext
+from experiments.failures import StageFailed
+from experiments.preflight import check_mesh
 from experiments.typed import hash_of
+from experiments.workdir_lock import workdir_lock
 
 __all__ = ["Stage", "StageError", "WorkdirError", "resolve_stages", "run_pipeline", "stage_configs", "stage_hashes"]
 
@@ -137,11 +140,11 @@ def _changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def prepare_workdir(
-    cfg, workdir: Path, registry: Sequence[Stage], *, overwrite: bool = False, fork: str | os.PathLike | None = None
-) -> Path:
-    """Checks `workdir` against `cfg` (see module doc); returns the workdir to run in."""
+def check_workdir(cfg, workdir: Path, *, overwrite: bool = False, fork: str | os.PathLike | None = None) -> Path:
+    """Checks `workdir` against `cfg` (see module doc) and returns the workdir to run in; writes nothing."""
     new = json.loads(to_json(cfg))
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"--workdir {workdir} exists and is not a folder")
     old_file = workdir / "config.json"
     if old_file.is_file():
         old = json.loads(old_file.read_text())
@@ -153,17 +156,23 @@ def prepare_workdir(
                 "fields change there (finished stages they do not touch are kept), or --fork NEW_WORKDIR "
                 "to start the new run in another folder that reuses the finished stages it shares."
             )
-    if fork is not None:
-        target = Path(fork)
-        if target.resolve() == workdir.resolve():
-            raise WorkdirError(f"--fork {target}: the fork must be a different folder than {workdir}")
-        if (target / "config.json").is_file() and json.loads((target / "config.json").read_text()) != new:
-            raise WorkdirError(f"--fork {target} already holds a run of another config")
-        link_finished(workdir, target, cfg, registry)
-        workdir = target
-    workdir.mkdir(parents=True, exist_ok=True)
-    _write_json(workdir / "config.json", new)
-    return workdir
+    if fork is None:
+        return workdir
+    target = Path(fork)
+    if target.resolve() == workdir.resolve():
+        raise WorkdirError(f"--fork {target}: the fork must be a different folder than {workdir}")
+    if target.exists() and not target.is_dir():
+        raise WorkdirError(f"--fork {target} exists and is not a folder")
+    if (target / "config.json").is_file() and json.loads((target / "config.json").read_text()) != new:
+        raise WorkdirError(f"--fork {target} already holds a run of another config")
+    return target
+
+
+def _make_folder(folder: Path, flag: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WorkdirError(f"{flag} {folder}: cannot create it ({e.strerror or e})") from None
 
 
 def link_finished(source: Path, target: Path, cfg, registry: Sequence[Stage]) -> list[str]:
@@ -198,10 +207,15 @@ def run_pipeline(
 
     `reuse_from`: other workdirs whose finished stages with the same hash are linked, not rerun.
 
-    Every stage's config is built before the first stage runs (a bad field fails in seconds, not
-    after earlier stages have run). A requested stage whose dependency is neither finished (with
-    the current hash) nor requested is an error naming both. Only process 0 writes markers
-    (multi-host runs share the workdir).
+    Before the first stage runs (a bad setting fails in seconds, not after earlier stages have run):
+    every stage's config is built, the mesh is checked against the devices present, the workdir
+    is locked for the launch (`experiments.workdir_lock`: a second launch on it is refused), a
+    requested stage whose dependency is neither finished (with the current hash) nor requested is
+    an error naming both, and each stage that will run checks its inputs (its config's
+    `preflight()`, experiments/preflight.py). Only then is `config.json` written, so a refused
+    launch leaves the workdir as it was. A stage that raises is reported as `StageFailed(stage)`
+    from its error. Only process 0 writes markers and takes the lock (multi-host runs share the
+    workdir).
     """
     import jax
 
@@ -209,22 +223,39 @@ def run_pipeline(
     selected = resolve_stages(stages, registry)
     configs = stage_configs(cfg, registry)
     settings = RunSettings.from_config(cfg)
-    workdir = prepare_workdir(cfg, Path(workdir), registry, overwrite=overwrite, fork=fork)
-    for source in reuse_from:
-        link_finished(Path(source), workdir, cfg, registry)
-
-    def present(stage: str, h: str) -> bool:
-        return stage in selected or is_done(workdir, stage, h)
-
-    hashes = stage_hashes(cfg, registry, present, configs)
-    for name in selected:
-        for dep in by_name[name].deps:
-            if dep not in selected and not is_done(workdir, dep, hashes[dep]):
-                raise StageError(
-                    f"stage {name!r} reads stage {dep!r}, which is not finished for this config in {workdir}; "
-                    f"add {dep} to --stages"
-                )
+    check_mesh(settings.mesh, jax.device_count())
+    source, workdir = Path(workdir), check_workdir(cfg, Path(workdir), overwrite=overwrite, fork=fork)
     primary = jax.process_index() == 0
+    _make_folder(workdir, "--workdir" if fork is None else "--fork")
+    with workdir_lock(workdir, enabled=primary):
+        if fork is not None:
+            link_finished(source, workdir, cfg, registry)
+        for other in reuse_from:
+            link_finished(Path(other), workdir, cfg, registry)
+
+        def present(stage: str, h: str) -> bool:
+            return stage in selected or is_done(workdir, stage, h)
+
+        hashes = stage_hashes(cfg, registry, present, configs)
+        for name in selected:
+            for dep in by_name[name].deps:
+                if dep not in selected and not is_done(workdir, dep, hashes[dep]):
+                    raise StageError(
+                        f"stage {name!r} reads stage {dep!r}, which is not finished for this config in {workdir}; "
+                        f"add {dep} to --stages"
+                    )
+        for name in selected:  # the inputs of every stage that will run, before any runs
+            check = getattr(configs[name], "preflight", None)
+            if check is not None and not is_done(workdir, name, hashes[name]):
+                check()
+        if primary:
+            _write_json(workdir / "config.json", json.loads(to_json(cfg)))
+        return _run_stages(workdir, selected, by_name, configs, hashes, present, settings, primary)
+
+
+def _run_stages(workdir, selected, by_name, configs, hashes, present, settings, primary) -> dict[str, dict]:
+    import jax
+
     cache: dict = {}
     records: dict[str, dict] = {}
     timings_file = workdir / "timings.json"
@@ -255,6 +286,8 @@ def run_pipeline(
         ctx = StageContext(workdir, name, settings, cache, used_deps(stage, hashes, present))
         try:
             summary = stage.run(ctx, configs[name]) or {}
+        except Exception as e:  # the launcher says which stage failed (experiments/failures.py)
+            raise StageFailed(name) from e
         finally:
             # Models loaded by one stage are not kept for the next: on a 24 GB laptop, PPO's four
             # models and optimizer state need the memory more than a reload (seconds) needs time.

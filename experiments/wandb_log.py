@@ -70,6 +70,8 @@ def wandb_run(cfg, workdir) -> Iterator[object | None]:
     try:
         import wandb
     except ImportError:
+        wandb = None
+    if wandb is None:  # yielded outside the except block: errors of the run would chain to it
         log.info("log.wandb=%s: the wandb package is not installed; skipped", mode)
         yield None
         return

@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import errno
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -161,10 +163,34 @@ class Checkpointer:
             raise TypeError(f"data_state must hold JSON values only (cast numpy scalars to int/float): {e}") from None
         if self._manager is None or int(step) in self._manager.all_steps():
             return False
+        if force or self._manager.should_save(int(step)):
+            self._check_space(int(step), state)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(_keys_to_data(state)), data=ocp.args.JsonSave(dict(data_state))
         )
         return bool(self._manager.save(int(step), args=args, force=force))
+
+    def _check_space(self, step: int, state: Any) -> None:
+        """Refuses a save the disk cannot hold, before orbax starts writing it.
+
+        A write that runs out of space inside orbax's writer threads fails with hundreds of lines
+        from its threads and leaves a temporary folder; checking first fails cleanly and leaves the
+        earlier checkpoints as they were. The estimate is the state's size in bytes (this process's
+        share on several hosts); the floats of a train state barely compress, so it is close.
+
+        Raises:
+          OSError: ENOSPC, naming the step, the bytes needed and the free bytes of the folder.
+        """
+        need = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state)) // jax.process_count()
+        os.makedirs(self.directory, exist_ok=True)
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on device: the checkpoint of step {step} needs {need / 1e6:.1f} MB, "
+                f"{free / 1e6:.1f} MB are free",
+                self.directory,
+            )
 
     def restore(self, step: int | None = None, target: Any = None) -> tuple[Any, dict]:
         """Returns ``(state, data_state)`` saved at `step` (default: the latest).

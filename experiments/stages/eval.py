@@ -71,6 +71,18 @@ class Config:
     def build(cls, cfg) -> Config:
         return take(cls, cfg, "config")
 
+    def preflight(self) -> None:
+        """The MC files, an outside scorer PM and the judge exist and parse (experiments/preflight.py)."""
+        from experiments import preflight as pf
+
+        for i, path in enumerate(self.eval.mc_files):
+            pf.check_mc_file(f"eval.mc_files[{i}]", path)
+        if self.eval.scorer_pm:
+            pf.check_exported_folder("eval.scorer_pm", self.eval.scorer_pm)
+        pf.check_judge("feedback_model.name", self.judged.feedback_model.name)
+        pf.check_constitution("constitution", self.judged.constitution)
+        pf.check_constitution("feedback.helpful_constitution", self.judged.feedback.helpful_constitution, helpful=True)
+
     @property
     def seed_eval(self) -> int:
         return stage_seed(self.judged.seed, "eval")

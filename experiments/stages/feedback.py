@@ -120,6 +120,19 @@ class Config:
     def build(cls, cfg) -> Config:
         return take(cls, cfg, "config")
 
+    def preflight(self) -> None:
+        """The judge, constitutions and prompt sources exist and parse (experiments/preflight.py)."""
+        from experiments import preflight as pf
+
+        pf.check_judge("feedback_model.name", self.feedback_model.name)
+        pf.check_model("model.name", self.model.name)
+        pf.check_constitution("constitution", self.constitution)
+        if self.feedback.label_helpful:
+            pf.check_constitution("feedback.helpful_constitution", self.feedback.helpful_constitution, helpful=True)
+        pf.check_prompts("prompts.red_team", self.prompts.red_team)
+        if self.feedback.label_helpful:
+            pf.check_prompts("prompts.helpful", self.prompts.helpful)
+
     def settings(self, **overrides):
         """The labeller's settings; the policy reads prompts as SFT rendered them."""
         overrides.setdefault("policy_rendering", self.sft.rendering)

@@ -80,6 +80,15 @@ class Config:
             )
         return c
 
+    def preflight(self) -> None:
+        """The PMP source and a helpfulness comparisons file exist and parse (experiments/preflight.py)."""
+        from experiments import preflight as pf
+
+        if self.pm.pmp.enabled and self.pm.pmp.source != "shipped":
+            pf.check_pmp_source("pm.pmp.source", self.pm.pmp.source)
+        if self.pm.helpful_source not in ("", "feedback"):
+            pf.check_comparisons("pm.helpful_source", self.pm.helpful_source)
+
 
 def split_by_prompt(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """Held-out comparisons by a hash of the prompt text, so a prompt's pairs stay on one side."""

@@ -51,6 +51,15 @@ class Config:
     def build(cls, cfg) -> Config:
         return take(cls, cfg, "config")
 
+    def preflight(self) -> None:
+        """The model, constitution and prompt sources exist and parse (experiments/preflight.py)."""
+        from experiments import preflight as pf
+
+        pf.check_model("model.name", self.model.name)
+        pf.check_constitution("constitution", self.constitution)
+        pf.check_prompts("prompts.red_team", self.prompts.red_team)
+        pf.check_prompts("prompts.helpful", self.prompts.helpful)
+
     def settings(self):
         """The engine's `RevisionSettings` for the red-team prompts."""
         from cai_jax.cai.revisions import RevisionSettings

@@ -43,6 +43,12 @@ class Config:
     def build(cls, cfg) -> Config:
         return take(cls, cfg, "config")
 
+    def preflight(self) -> None:
+        """The starting model (fine-tuned here) resolves (experiments/preflight.py)."""
+        from experiments.preflight import check_model
+
+        check_model("model.name", self.model.name)
+
 
 def run(ctx: StageContext, cfg: Config) -> dict:
     from cai_jax.cai.revisions import load_revisions
