@@ -172,6 +172,11 @@ def test_uncached_hub_name_fails_without_download(tmp_path, datasets_cache, monk
         (['{"a": "x"}'], None, r"row 1: no prompt field"),
         (['{"prompt": "x"}'], "query", r"row 1: field 'query': missing"),
         (['{"chosen": "no markers here"}'], None, r"row 1: field 'chosen': transcript has no"),
+        (
+            ['{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "x"}', '{"rejected": "x"}'],
+            None,
+            r"row 2: field 'chosen': missing",
+        ),
         (["", "  "], None, r"empty: no prompts"),
     ],
 )
