@@ -344,3 +344,18 @@ def test_hh_rlhf_row_missing_one_side_names_that_side(missing, tmp_path):
         load_comparisons(path)
     with pytest.raises(ComparisonError, match=rf"^comparisons: row 2: field '{missing}': missing"):
         load_comparisons([hh, half])
+
+
+def test_a_bad_feedback_shard_row_names_the_shard_line_and_field(tmp_path):
+    from experiments.stages.pm import feedback_comparisons
+
+    good = {"prompt": "q", "response_a": "a", "response_b": "b", "p_a": 0.75}
+    (tmp_path / "rows-p000-b000000.jsonl").write_text(json.dumps(good) + "\n")
+    shard = tmp_path / "rows-p000-b000001.jsonl"
+    shard.write_text(json.dumps(good) + "\n" + json.dumps({**good, "p_a": 1.5}) + "\n")
+    with pytest.raises(
+        ComparisonError, match=rf"^{re.escape(str(shard))}: row 2: field 'p_a': target 1.5 is not a finite number"
+    ):
+        feedback_comparisons(tmp_path)
+    shard.write_text(json.dumps(good) + "\n")
+    assert feedback_comparisons(tmp_path) == [good, good]

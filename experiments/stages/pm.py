@@ -96,11 +96,15 @@ def split_by_prompt(rows: list[dict], eval_fraction: float, seed: int) -> tuple[
 
 
 def feedback_comparisons(folder: Path) -> list[dict]:
-    """The comparisons of a feedback folder's shards (`cai.feedback.comparison_files`)."""
-    from cai_jax.cai.feedback import load_comparisons_dataset
+    """The comparisons of a feedback folder's shards (`cai.feedback.comparison_files`), in order.
+
+    Each shard is validated as its own file, so a bad row is reported by shard path, line and field.
+    """
+    from cai_jax.cai.feedback import comparison_files
+    from cai_jax.train.pm import load_comparisons
 
     keep = ("prompt", "response_a", "response_b", "p_a")
-    return [{k: r[k] for k in keep} for r in load_comparisons_dataset(folder)]
+    return [{k: r[k] for k in keep} for path in comparison_files(folder) for r in load_comparisons(path)]
 
 
 def run(ctx: StageContext, cfg: Config) -> dict:
