@@ -206,11 +206,17 @@ def random_model_config(m: ModelSpec, tokenizer):
 
 
 def load_exported(ctx: StageContext, folder: Path, m: ModelSpec):
-    """An HF-format folder written by a stage (e.g. sft/export), with the run's dtypes."""
+    """An HF-format folder written by a stage (e.g. sft/export), with the run's dtypes.
+
+    Raises:
+      IncompleteExportError: the folder lacks its completion marker (`checkpoints.hf.EXPORT_MARKER`).
+    """
+    from cai_jax.checkpoints.hf import require_complete_export
     from cai_jax.models import load_pretrained
 
     key = ("exported", str(folder), m.dtype, m.param_dtype)
     if key not in ctx.cache:
+        require_complete_export(folder)
         ctx.cache[key] = load_pretrained(folder, dtype=m.dtype, param_dtype=m.param_dtype)
     return ctx.cache[key]
 
