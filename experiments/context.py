@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ __all__ = [
     "read_jsonl",
     "write_json",
 ]
+
+log = logging.getLogger(__name__)
 
 # Per-stage constants folded into the run seed, so stages draw independent randomness.
 SEED_OFFSETS = {"revisions": 0, "sft": 1, "feedback": 2, "pm": 3, "ppo": 4, "eval": 5, "feedback_helpful": 6}
@@ -203,11 +206,17 @@ def random_model_config(m: ModelSpec, tokenizer):
 
 
 def load_exported(ctx: StageContext, folder: Path, m: ModelSpec):
-    """An HF-format folder written by a stage (e.g. sft/export), with the run's dtypes."""
+    """An HF-format folder written by a stage (e.g. sft/export), with the run's dtypes.
+
+    Raises:
+      IncompleteExportError: the folder lacks its completion marker (`checkpoints.hf.EXPORT_MARKER`).
+    """
+    from cai_jax.checkpoints.hf import require_complete_export
     from cai_jax.models import load_pretrained
 
     key = ("exported", str(folder), m.dtype, m.param_dtype)
     if key not in ctx.cache:
+        require_complete_export(folder)
         ctx.cache[key] = load_pretrained(folder, dtype=m.dtype, param_dtype=m.param_dtype)
     return ctx.cache[key]
 
@@ -252,6 +261,13 @@ def load_prompt_split(ctx: StageContext, p: PromptsSpec, kind: str, seed: int) -
         return ctx.cache[key]
     prompts = shipped_prompts(source.split(":", 1)[1]) if source.startswith("shipped:") else load_prompts(source)
     train, evals, report = prepare_prompts(prompts, eval_fraction=p.eval_fraction, max_chars=p.max_chars, seed=seed)
+    if report["too_long"]:
+        n = report["too_long"]
+        log.warning(
+            "prompts: %d %s prompt%s of %s dropped as longer than prompts.max_chars=%d characters; "
+            "lift the limit with --config.prompts.max_chars=N",
+            n, kind, "" if n == 1 else "s", source, p.max_chars,
+        )  # fmt: skip
     if limit:
         # Cap each side in proportion, so the held-out share stays eval_fraction.
         n_eval = round(limit * p.eval_fraction)

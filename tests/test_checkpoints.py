@@ -285,3 +285,51 @@ def test_gguf_conversion_is_cached(converted, smollm2_gguf, monkeypatch):
     (partial / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="conversion attempted"):
         convert_gguf(smollm2_gguf, out_dir=partial)
+
+
+# ---------------------------------------------------------------- completion markers
+
+
+class _FailingTokenizer:
+    def save_pretrained(self, folder):
+        raise KeyboardInterrupt  # a kill after config.json and the weights, before the tokenizer
+
+
+def test_the_export_marker_is_written_last(tmp_path, random_params):
+    from cai_jax.checkpoints.hf import EXPORT_MARKER, IncompleteExportError, is_complete_export, require_complete_export
+
+    cfg = ROUND_TRIP_CONFIGS["llama-tied"]
+    folder = save_hf_checkpoint(tmp_path / "export", cfg, random_params(cfg))
+    marker = json.loads((folder / EXPORT_MARKER).read_text())
+    assert marker["files"] == ["config.json", SINGLE_NAME] and require_complete_export(folder) == folder
+    with pytest.raises(KeyboardInterrupt):  # re-exporting over it, killed part-way
+        save_hf_checkpoint(folder, cfg, random_params(cfg), tokenizer=_FailingTokenizer())
+    assert (folder / "config.json").exists() and not is_complete_export(folder)
+    with pytest.raises(IncompleteExportError, match=rf"incomplete export: {folder} has no {EXPORT_MARKER}"):
+        require_complete_export(folder)
+    with pytest.raises(IncompleteExportError, match="does not exist"):
+        require_complete_export(tmp_path / "never")
+    load_hf_params(folder)  # a folder from elsewhere (no marker) still loads: the check is the caller's
+
+
+def test_pipeline_readers_refuse_a_half_export(tmp_path, random_params):
+    import types
+
+    from cai_jax.checkpoints.hf import EXPORT_MARKER, IncompleteExportError
+    from experiments.context import ModelSpec, load_exported
+    from experiments.stages.eval import snapshot_models
+
+    cfg = ROUND_TRIP_CONFIGS["llama-tied"]
+    snaps = tmp_path / "ppo" / "snapshots"
+    for k in (1, 2):
+        save_hf_checkpoint(snaps / f"iter_{k}", cfg, random_params(cfg))
+    save_hf_checkpoint(tmp_path / "sft" / "export", cfg, random_params(cfg))
+    ctx = types.SimpleNamespace(cache={}, has=lambda s: s in ("sft", "ppo"), dep=lambda s: tmp_path / s)
+    assert [m["name"] for m in snapshot_models(ctx)] == ["helpful", "sl-cai", "rl-cai@1", "rl-cai@2"]
+    (snaps / "iter_2" / EXPORT_MARKER).unlink()
+    (snaps / "iter_2" / SINGLE_NAME).unlink()  # an export killed after its config.json
+    with pytest.raises(IncompleteExportError, match=rf"incomplete export: {snaps / 'iter_2'} has no {EXPORT_MARKER}"):
+        snapshot_models(ctx)
+    spec = ModelSpec(name="", init="random", random_config=None, dtype="float32", param_dtype="float32")
+    with pytest.raises(IncompleteExportError, match=rf"incomplete export: {snaps / 'iter_2'} has no"):
+        load_exported(ctx, snaps / "iter_2", spec)

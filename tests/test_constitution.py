@@ -379,3 +379,20 @@ def test_save_refuses_invalid(tmp_path):
     with pytest.raises(ConstitutionError, match="unknown SL principle id 'crime'"):
         save_constitution(broken, tmp_path / "x.yaml")
     assert not (tmp_path / "x.yaml").exists()
+
+
+def test_unterminated_yaml_quote_is_reported_where_it_starts(tmp_path):
+    path = tmp_path / "quote.yaml"
+    lines = [
+        "name: x",
+        "version: 1",
+        "sl_principles:",
+        '  - id: "a',
+        "    critique_request: c",
+        "    revision_request: r",
+    ]
+    path.write_text("\n".join(lines + [""] * 3))
+    with pytest.raises(ConstitutionError) as info:
+        load_constitution(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: invalid YAML at line 4, column 9"), message

@@ -126,3 +126,30 @@ def test_exports_come_before_their_forced_checkpoint(tmp_path):
     assert Checkpointer(checkpoint_config(tmp_path / "ckpt")).all_steps() == [2, 4, 5]
     with pytest.raises(ValueError, match="export_at"):
         _run(tmp_path / "bad", 5, export_at={6: "six"}, export=export)
+
+
+def test_an_unfinished_export_is_redone_from_its_checkpoint_on_resume(tmp_path):
+    import shutil
+
+    exports = []
+
+    def export(state, folder):
+        exports.append((folder.name, float(state["x"])))
+        (folder / "done").parent.mkdir(exist_ok=True)
+        (folder / "done").write_text("")
+
+    def done(folder):
+        return (folder / "done").exists()
+
+    at = {2: tmp_path / "two", 5: tmp_path / "five"}
+    _run(tmp_path, 5, every=4, export_at=at, export=export, export_done=done)
+    assert exports == [("two", 3.0), ("five", 15.0)]
+    _run(tmp_path, 5, every=4, export_at=at, export=export, export_done=done)  # all done: nothing redone
+    assert len(exports) == 2
+    (at[2] / "done").unlink()
+    _run(tmp_path, 5, every=4, export_at=at, export=export, export_done=done)
+    assert exports[2:] == [("two", 3.0)]  # step 2's state, from step 2's checkpoint
+    (at[2] / "done").unlink()
+    shutil.rmtree(tmp_path / "ckpt" / "2")
+    with pytest.raises(RuntimeError, match=r"incomplete export: .*two \(the export at step 2\) is not finished"):
+        _run(tmp_path, 5, every=4, export_at=at, export=export, export_done=done)

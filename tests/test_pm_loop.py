@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -331,3 +332,30 @@ def test_pmp_then_pm_chain_on_the_shipped_sample(cfg, lm_params, tok, tmp_path):
     assert pmp.report["reward_mean"] is None and pm.report["reward_std"] > 0
     assert pm.report["eval"]["n"] == 4
     assert load_pm(tmp_path / "export").count == 16  # both sides of the 8 training comparisons
+
+
+@pytest.mark.parametrize("missing", ["rejected", "chosen"])
+def test_hh_rlhf_row_missing_one_side_names_that_side(missing, tmp_path):
+    hh = {"chosen": "\n\nHuman: hi\n\nAssistant: yes", "rejected": "\n\nHuman: hi\n\nAssistant: no"}
+    half = {k: v for k, v in hh.items() if k != missing}
+    path = tmp_path / "helpful.jsonl"
+    path.write_text(json.dumps(hh) + "\n" + json.dumps(half) + "\n")
+    with pytest.raises(ComparisonError, match=rf"^{re.escape(str(path))}: row 2: field '{missing}': missing"):
+        load_comparisons(path)
+    with pytest.raises(ComparisonError, match=rf"^comparisons: row 2: field '{missing}': missing"):
+        load_comparisons([hh, half])
+
+
+def test_a_bad_feedback_shard_row_names_the_shard_line_and_field(tmp_path):
+    from experiments.stages.pm import feedback_comparisons
+
+    good = {"prompt": "q", "response_a": "a", "response_b": "b", "p_a": 0.75}
+    (tmp_path / "rows-p000-b000000.jsonl").write_text(json.dumps(good) + "\n")
+    shard = tmp_path / "rows-p000-b000001.jsonl"
+    shard.write_text(json.dumps(good) + "\n" + json.dumps({**good, "p_a": 1.5}) + "\n")
+    with pytest.raises(
+        ComparisonError, match=rf"^{re.escape(str(shard))}: row 2: field 'p_a': target 1.5 is not a finite number"
+    ):
+        feedback_comparisons(tmp_path)
+    shard.write_text(json.dumps(good) + "\n")
+    assert feedback_comparisons(tmp_path) == [good, good]

@@ -508,3 +508,19 @@ if __name__ == "__main__":
         + "\n"
     )
     print(f"wrote {GOLDEN}")
+
+
+def test_a_snapshot_without_its_completion_marker_is_redone_on_resume(cfg, tmp_path):
+    """A snapshot cut after its config.json (no weights, no marker) is not counted as exported."""
+    from cai_jax.checkpoints.hf import EXPORT_MARKER
+
+    snaps = {1: tmp_path / "iter_1", 2: tmp_path / "iter_2"}
+    _resume_run(cfg, tmp_path, 2, export_at=snaps)
+    done = {k: {p.name: p.read_bytes() for p in folder.iterdir()} for k, folder in snaps.items()}
+    assert all(EXPORT_MARKER in files and "config.json" in files for files in done.values())
+    (snaps[1] / EXPORT_MARKER).unlink()
+    (snaps[1] / "model.safetensors").unlink()  # killed mid-export: only config.json is left
+    (snaps[2] / EXPORT_MARKER).unlink()  # killed just before the marker
+    _resume_run(cfg, tmp_path, 2, export_at=snaps)  # restored at iteration 2: nothing to train
+    for k, folder in snaps.items():
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == done[k], k

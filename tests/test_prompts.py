@@ -172,6 +172,11 @@ def test_uncached_hub_name_fails_without_download(tmp_path, datasets_cache, monk
         (['{"a": "x"}'], None, r"row 1: no prompt field"),
         (['{"prompt": "x"}'], "query", r"row 1: field 'query': missing"),
         (['{"chosen": "no markers here"}'], None, r"row 1: field 'chosen': transcript has no"),
+        (
+            ['{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "x"}', '{"rejected": "x"}'],
+            None,
+            r"row 2: field 'chosen': missing",
+        ),
         (["", "  "], None, r"empty: no prompts"),
     ],
 )
@@ -323,3 +328,24 @@ def test_shard_for_process_rejects_bad_indices():
         shard_for_process(_prompts(["a"]), 2, 2)
     with pytest.raises(ValueError, match="process_index"):
         shard_for_process(_prompts(["a"]), 0, 0)
+
+
+def test_prompts_over_max_chars_are_dropped_with_a_warning(tmp_path, caplog):
+    import logging
+    import types
+
+    from experiments.context import PromptsSpec, load_prompt_split
+
+    path = tmp_path / "red.jsonl"
+    rows = [{"prompt": "short one"}, {"prompt": "x" * 100_000}, {"prompt": "another short one"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = PromptsSpec(
+        red_team=str(path), helpful="shipped:helpful", num_red_team=0, num_helpful=0, eval_fraction=0.0, max_chars=4000
+    )
+    with caplog.at_level(logging.WARNING):
+        train, _, report = load_prompt_split(types.SimpleNamespace(cache={}), spec, "red_team", seed=0)
+    assert report["too_long"] == 1 and [p.text for p in train] == ["short one", "another short one"]
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1, warning
+    assert "1 red_team prompt" in warning[0] and "prompts.max_chars=4000" in warning[0]
+    assert "--config.prompts.max_chars=N" in warning[0] and str(path) in warning[0]

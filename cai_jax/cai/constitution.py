@@ -145,10 +145,25 @@ def _parse_file(path: Path) -> Any:
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConstitutionError(f"invalid YAML{where}: {problem}", path=path) from e
+        raise ConstitutionError(f"invalid YAML{_yaml_problem(e)}", path=path) from e
+
+
+def _at(mark: Any) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _yaml_problem(e: Exception) -> str:
+    """ " at line L, column C: <problem>" of a PyYAML error, placed where the user must look.
+
+    A quoted scalar (or bracket) left open runs to the end of the file, so the problem mark is the
+    last line; the context mark is where the unclosed thing starts.
+    """
+    problem, context = getattr(e, "problem", None) or str(e), getattr(e, "context", None)
+    mark, start = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+    if start is not None and context and ("end of stream" in problem or "<stream end>" in problem):
+        thing = context.removeprefix("while scanning ").removeprefix("while parsing ")
+        return f" at {_at(start)}: {thing} starts here and is never closed ({problem} at {_at(mark)})"
+    return f" at {_at(mark)}: {problem}" if mark is not None else f": {problem}"
 
 
 def _empty(name: str, version: str, source: Path) -> dict[str, Any]:

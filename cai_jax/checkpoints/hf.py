@@ -22,8 +22,42 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
+# Written last by every export of this project (`save_hf_checkpoint`, `checkpoints.pm.save_pm`):
+# a folder without it was cut mid-write. Folders from elsewhere (transformers) need not have it.
+EXPORT_MARKER = "export.json"
+EXPORT_FORMAT = "cai_jax-export"
+
+
 class CheckpointError(ValueError):
     """A checkpoint folder that is missing files or tensors, or holds tensors of the wrong shape."""
+
+
+class IncompleteExportError(CheckpointError):
+    """A folder this project exported whose completion marker (`EXPORT_MARKER`) is missing."""
+
+
+def mark_export_complete(folder: str | os.PathLike) -> Path:
+    """Writes `folder`'s completion marker (atomically): call it after every other file is in place."""
+    folder = Path(folder)
+    files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != EXPORT_MARKER)
+    return atomic.write_json(folder / EXPORT_MARKER, {"format": EXPORT_FORMAT, "files": files}, indent=2)
+
+
+def is_complete_export(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a finished export (its completion marker exists)."""
+    return (Path(folder) / EXPORT_MARKER).is_file()
+
+
+def require_complete_export(folder: str | os.PathLike) -> Path:
+    """`folder` if it is a finished export of this project, else `IncompleteExportError` naming it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise IncompleteExportError(f"missing export: {folder} does not exist; rerun the stage that writes it")
+    if not is_complete_export(folder):
+        raise IncompleteExportError(
+            f"incomplete export: {folder} has no {EXPORT_MARKER} (it was cut mid-write); rerun the stage that writes it"
+        )
+    return folder
 
 
 def _layer_map(cfg: ModelConfig, i: int):
@@ -180,15 +214,20 @@ def save_hf_checkpoint(
     tokenizer=None,
     max_shard_bytes: int = 2 * 1024**3,
     dtype=None,
+    *,
+    mark_complete: bool = True,
 ) -> Path:
     """Writes config.json + safetensors (sharded with an index when larger than max_shard_bytes).
 
     The folder loads with `transformers.AutoModelForCausalLM.from_pretrained` and with
-    `load_pretrained`. Writes go to a temporary name first, so a killed save never leaves a
-    half-written checkpoint under the final name.
+    `load_pretrained`. Each file goes to a temporary name first, so none is ever half-written;
+    the folder's completion marker (`EXPORT_MARKER`) is removed first and written last
+    (`mark_complete=False` leaves that to a caller that adds files of its own), so a save killed
+    part-way leaves a folder that `require_complete_export` refuses.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / EXPORT_MARKER).unlink(missing_ok=True)
     tensors = params_to_hf_tensors(cfg, params, dtype)
     hf_cfg = cfg.to_hf_dict()
     if dtype is not None:
@@ -218,6 +257,8 @@ def save_hf_checkpoint(
     atomic.write_json(folder / "config.json", hf_cfg, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
+    if mark_complete:
+        mark_export_complete(folder)
     return folder
 
 

@@ -23,6 +23,8 @@ Folder layout:
         reward_mean / reward_std are the statistics of the PM's scores of its training responses
         (`eval.pm.reward_stats`), null when not given. Version 1 folders (no rendering) load, but
         only `score` works on them.
+    export.json
+        the completion marker every export of this project ends with (`checkpoints.hf.EXPORT_MARKER`).
 
 The folder is written under a temporary name next to it and renamed into place, so a killed save
 never leaves a half-written artifact under the final name (an existing one is replaced).
@@ -46,7 +48,14 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from cai_jax.checkpoints.hf import INDEX_NAME, SINGLE_NAME, CheckpointError, load_hf_params, save_hf_checkpoint
+from cai_jax.checkpoints.hf import (
+    INDEX_NAME,
+    SINGLE_NAME,
+    CheckpointError,
+    load_hf_params,
+    mark_export_complete,
+    save_hf_checkpoint,
+)
 from cai_jax.nn.config import ModelConfig
 from cai_jax.nn.heads import ScalarModel
 
@@ -115,10 +124,13 @@ def save_pm(
     try:
         # No LM head in a PM: declare tied embeddings so the HF folder is complete without one.
         backbone = {k: v for k, v in host["backbone"].items() if k != "lm_head"}
-        save_hf_checkpoint(tmp, cfg.replace(tie_word_embeddings=True), backbone, tokenizer=tokenizer)
+        save_hf_checkpoint(
+            tmp, cfg.replace(tie_word_embeddings=True), backbone, tokenizer=tokenizer, mark_complete=False
+        )
         head = {k: np.ascontiguousarray(np.asarray(v)) for k, v in host["head"].items()}
         save_file(head, str(tmp / HEAD_NAME), metadata={"format": "np"})
         (tmp / PM_JSON).write_text(json.dumps(meta, indent=2, allow_nan=False))
+        mark_export_complete(tmp)  # last, like every export (the rename below is atomic too)
         old = None
         if folder.exists():
             old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"

@@ -32,7 +32,9 @@ Invariants:
   which stays in place.
 - Exports. At each step k of `export_at` the loop checks the row, calls `export(state, folder)`
   and then forces a checkpoint, so k's export exists once k is saved: a resume never skips it (a
-  kill between the two redoes both).
+  kill between the two redoes both). With `export_done`, a resume also checks every export at or
+  before the restored step and redoes one that is not done (cut mid-write, or removed) from its
+  own checkpoint.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ def fit(
     num_steps: int,
     export_at: Mapping[int, str | os.PathLike] | None = None,
     export: Callable[[TrainState, str | os.PathLike], None] | None = None,
+    export_done: Callable[[str | os.PathLike], bool] | None = None,
     fetch_late: bool = True,
     name: str = "train",
     unit: str = "step",
@@ -127,6 +130,10 @@ def fit(
       num_steps: total steps, counting resumed ones.
       export_at: {step: folder}: after step k is checked, `export(state, folder)`.
       export: the export hook `export_at` calls.
+      export_done: `export_done(folder)`: whether an export finished (e.g.
+        `checkpoints.hf.is_complete_export`). On resume, an export at or before the restored
+        step that is not done is redone from its step's checkpoint (an error if that is gone).
+        None trusts the checkpoint: an export exists once its step is saved.
       fetch_late: fetch step i's metrics after step i + 1 is dispatched (False: right away).
       name, unit: for log messages and errors ("PPO", "iteration").
 
@@ -146,6 +153,10 @@ def fit(
     start = ckpt.latest_step() or 0
     if start:
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        if export_done is not None:
+            _redo_exports(
+                ckpt, target, {k: f for k, f in exports.items() if k <= start}, export, export_done, name, unit
+            )
         state, data_state = ckpt.restore(start, target=target)
         source.restore(data_state)
         log.info("%s: resumed from %s %d (%s)", name, unit, start, data_state)
@@ -170,6 +181,23 @@ def fit(
         raise FloatingPointError(f"{e}. Last good checkpoint: {ckpt.describe_latest(unit)}") from None
     ckpt.wait()
     return state
+
+
+def _redo_exports(ckpt, target, exports: Mapping[int, Any], export, export_done, name: str, unit: str) -> None:
+    """Re-exports, from its own checkpoint, each of `exports` (steps already trained) not done."""
+    saved = set(ckpt.all_steps())
+    for k, folder in sorted(exports.items()):
+        if export_done(folder):
+            continue
+        if k not in saved:
+            raise RuntimeError(
+                f"{name}: incomplete export: {folder} (the export at {unit} {k}) is not finished and {unit} {k}'s "
+                f"checkpoint is gone (kept: {sorted(saved)}); rerun the stage from scratch"
+            )
+        log.warning("%s: the export at %s %d, %s, was not finished: exporting it again", name, unit, k, folder)
+        state, _ = ckpt.restore(k, target=target)
+        export(state, folder)
+        del state
 
 
 def default_checkpoints(workdir: str | os.PathLike, num_steps: int) -> CheckpointConfig:

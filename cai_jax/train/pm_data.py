@@ -79,7 +79,10 @@ def validate_comparison(row: Any, source: str = "comparisons", row_no: int = 1) 
     """
     if not isinstance(row, Mapping):
         raise _error(source, row_no, None, f"expected an object, got {type(row).__name__}")
-    if "response_a" not in row and all(f in row for f in HH_FIELDS):
+    if "response_a" not in row and any(f in row for f in HH_FIELDS):
+        for field in HH_FIELDS:  # an hh-rlhf row: name the missing side, not the prompt
+            if field not in row:
+                raise _error(source, row_no, field, f"missing (an hh-rlhf row needs both; row has {sorted(row)})")
         prompt, chosen = _hh_prompt_response(source, row_no, "chosen", row["chosen"])
         prompt_r, rejected = _hh_prompt_response(source, row_no, "rejected", row["rejected"])
         if prompt != prompt_r:

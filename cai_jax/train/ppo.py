@@ -19,7 +19,9 @@ checkpoint and reproduces the uninterrupted run exactly, files included (the log
 the restored iteration): every random draw derives from the seed and the iteration number
 (sampler key fold_in(rng, iteration), minibatch order default_rng([seed, iteration, epoch])).
 `export_at={k: folder}` exports the policy after iteration k in the same call (the checkpoint is
-forced there), so snapshots need no restarts; `export_dir` gets the final policy.
+forced there), so snapshots need no restarts; on resume, a snapshot without its completion marker
+(`checkpoints.hf.EXPORT_MARKER`: cut mid-write) is exported again from its iteration's checkpoint;
+`export_dir` gets the final policy.
 
 Prompts are conversations (a string is one user turn) encoded with `text.encode_prompt` in the
 policy's `rendering`, or token-id lists when a `reward_fn` scores the rollouts. The PM reward is
@@ -47,6 +49,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from cai_jax.checkpoints.hf import is_complete_export
 from cai_jax.checkpoints.train_state import CheckpointConfig, Checkpointer
 from cai_jax.models import ScalarModel, Transformer
 from cai_jax.sampling import generate
@@ -308,6 +311,7 @@ def train_ppo(
             num_steps=num_iterations,
             export_at=export_at,
             export=export,
+            export_done=is_complete_export,
             fetch_late=False,
             name="PPO",
             unit="iteration",

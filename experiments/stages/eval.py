@@ -115,6 +115,7 @@ def _part(ctx: StageContext, name: str, fn, bar=None, steps: int = 1) -> Any:
 
 def scorer_pm(ctx: StageContext, cfg: Config):
     """The PM that scores responses: eval.scorer_pm, else this run's pm stage, else None."""
+    from cai_jax.checkpoints.hf import require_complete_export
     from cai_jax.checkpoints.pm import load_pm
 
     folder = cfg.eval.scorer_pm or (str(ctx.dep("pm") / "export") if ctx.has("pm") else "")
@@ -122,6 +123,8 @@ def scorer_pm(ctx: StageContext, cfg: Config):
         return None
     key = ("pm", folder)
     if key not in ctx.cache:
+        if not cfg.eval.scorer_pm:  # this run's export (a user's PM folder need not have the marker)
+            require_complete_export(folder)
         ctx.cache[key] = load_pm(folder)
     return ctx.cache[key]
 
@@ -158,7 +161,13 @@ def revision_scores(ctx: StageContext, pm) -> dict:
 
 
 def snapshot_models(ctx: StageContext) -> list[dict]:
-    """[{"name", "ppo_step", "folder" (None = the starting model)}] of the models to compare."""
+    """[{"name", "ppo_step", "folder" (None = the starting model)}] of the models to compare.
+
+    Raises:
+      IncompleteExportError: a PPO snapshot without its completion marker (cut mid-write).
+    """
+    from cai_jax.checkpoints.hf import require_complete_export
+
     models = [{"name": "helpful", "ppo_step": None, "folder": None}]
     if ctx.has("sft"):
         models.append(
@@ -169,6 +178,7 @@ def snapshot_models(ctx: StageContext) -> list[dict]:
         for folder in sorted(snaps.glob("iter_*"), key=lambda p: int(p.name.split("_")[1])):
             step = int(folder.name.split("_")[1])
             if step > 0:
+                require_complete_export(folder)
                 models.append({"name": f"rl-cai@{step}", "ppo_step": step, "folder": str(folder)})
     return models
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from experiments.context import ModelSpec, StageContext, load_base_model, stage_seed
@@ -103,17 +104,27 @@ def split_by_prompt(rows: list[dict], eval_fraction: float, seed: int) -> tuple[
     return train, held
 
 
+def feedback_comparisons(folder: Path) -> list[dict]:
+    """The comparisons of a feedback folder's shards (`cai.feedback.comparison_files`), in order.
+
+    Each shard is validated as its own file, so a bad row is reported by shard path, line and field.
+    """
+    from cai_jax.cai.feedback import comparison_files
+    from cai_jax.train.pm import load_comparisons
+
+    keep = ("prompt", "response_a", "response_b", "p_a")
+    return [{k: r[k] for k in keep} for path in comparison_files(folder) for r in load_comparisons(path)]
+
+
 def run(ctx: StageContext, cfg: Config) -> dict:
-    from cai_jax.cai.feedback import load_comparisons_dataset
     from cai_jax.cai.pmp import build_pmp_pairs, load_pmp_questions, shipped_pmp_sample
     from cai_jax.train.pm import load_comparisons, mix_comparisons, train_pmp_then_pm
 
     p, seed = cfg.pm, stage_seed(cfg.seed, "pm")
     lm = load_base_model(ctx, cfg.model, cfg.seed)
-    keep = ("prompt", "response_a", "response_b", "p_a")
 
     def labelled(folder: str) -> list[dict]:
-        return [{k: r[k] for k in keep} for r in load_comparisons_dataset(ctx.dep("feedback") / folder)]
+        return feedback_comparisons(ctx.dep("feedback") / folder)
 
     train_rows, eval_rows = split_by_prompt(labelled("comparisons"), p.eval_fraction, seed)
     if p.helpful_source:

@@ -70,11 +70,12 @@ class Config:
 
 
 def run(ctx: StageContext, cfg: Config) -> dict:
+    from cai_jax.checkpoints.hf import require_complete_export
     from cai_jax.checkpoints.pm import load_pm
     from cai_jax.train.ppo import train_ppo
 
     policy = load_exported(ctx, ctx.dep("sft") / "export", cfg.model)
-    pm = load_pm(ctx.dep("pm") / "export")
+    pm = load_pm(require_complete_export(ctx.dep("pm") / "export"))
     # RL prompts: the training red-team and helpfulness prompts (paper sec. 4.1 uses both).
     red, _, _ = load_prompt_split(ctx, cfg.prompts, "red_team", cfg.seed)
     helpful, _, _ = load_prompt_split(ctx, cfg.prompts, "helpful", cfg.seed)
