@@ -37,7 +37,7 @@ from experiments.context import RunSettings, StageContext
 from experiments.failures import StageFailed
 from experiments.preflight import check_mesh
 from experiments.typed import hash_of
-from experiments.workdir_lock import workdir_lock
+from experiments.workdir_lock import WorkdirError, workdir_lock
 
 __all__ = ["Stage", "StageError", "WorkdirError", "resolve_stages", "run_pipeline", "stage_configs", "stage_hashes"]
 
@@ -46,10 +46,6 @@ log = logging.getLogger(__name__)
 
 class StageError(ValueError):
     """A stage name or stage selection that cannot run; the message names it."""
-
-
-class WorkdirError(RuntimeError):
-    """A workdir holding another config's run."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,11 +29,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["LOCK_NAME", "workdir_lock", "holder_of"]
+__all__ = ["LOCK_NAME", "WorkdirError", "workdir_lock", "holder_of"]
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "launch.lock"
+
+
+class WorkdirError(RuntimeError):
+    """A workdir that cannot be used: another config's run, another launch's lock, not a folder."""
 
 
 def holder_of(lock_file: Path) -> dict | None:
@@ -69,8 +73,6 @@ def workdir_lock(workdir: str | os.PathLike, *, enabled: bool = True) -> Iterato
       WorkdirError: another live launch holds the lock (naming its pid, host and command), or the
         filesystem does not support locks.
     """
-    from experiments.pipeline import WorkdirError
-
     if not enabled:
         yield None
         return
