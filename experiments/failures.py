@@ -124,7 +124,7 @@ def failure_line(e: BaseException, cfg: Any = None, flags: Iterable[tuple[str, s
             "out; free space and run the same command again to resume"
         )
         return f"error: no space left on device{at}, {where}; {kept}"
-    what = _message(e)
+    what = _message(e).rstrip(".")
     if path and path not in what:
         what += f": {path}"
     if field:

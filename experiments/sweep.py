@@ -32,7 +32,7 @@ if __name__ == "__main__":  # before anything heavy is imported: the process may
 
 from experiments import entry as process  # noqa: E402
 from experiments.config_util import ConfigError, apply_overrides, load_config, load_config_module  # noqa: E402
-from experiments.pipeline import StageError, WorkdirError, run_pipeline  # noqa: E402
+from experiments.pipeline import run_pipeline  # noqa: E402
 from experiments.stages import REGISTRY  # noqa: E402
 from experiments.wandb_log import wandb_run  # noqa: E402
 
@@ -126,9 +126,14 @@ def main(argv=None) -> int:
 
         out = sweep_report(root, [(n, c) for n, c, _ in runs], getattr(module, "SWEEP_FIGURE", None))
         print(f"[sweep] {len(runs)} runs done; summary in {out}")
-    except (ConfigError, StageError, WorkdirError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as e:  # one line, as the launcher's (experiments/failures.py)
+        import logging
+
+        from experiments.failures import failure_line
+
+        logging.getLogger("experiments.sweep").debug("the sweep failed", exc_info=e)
+        print(failure_line(e, None, [("--root", str(args.root))]), file=sys.stderr, flush=True)
+        return 130 if isinstance(e, KeyboardInterrupt) else 2
     return 0
 
 
