@@ -120,9 +120,23 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic.write_json(path, obj, indent=1, sort_keys=True, default=str)
 
 
-def is_done(workdir: Path, stage: str, h: str) -> bool:
+def is_done(workdir: Path, stage: str, h: str, exports: Sequence[str] = ()) -> bool:
+    """Whether `stage` finished in `workdir` with hash `h` and its `exports` (model folders, relative
+    to the stage's folder) are complete: an export without its completion marker
+    (`cai_jax.checkpoints.hf.EXPORT_MARKER`, written last) was cut or damaged, and the stage reruns."""
     done = read_marker(workdir / stage, "DONE")
-    return done is not None and done.get("hash") == h
+    if done is None or done.get("hash") != h:
+        return False
+    if exports:
+        from cai_jax.checkpoints.hf import is_complete_export
+
+        return all(is_complete_export(workdir / stage / e) for e in exports)
+    return True
+
+
+def stage_exports(configs: dict[str, Any]) -> dict[str, list[str]]:
+    """{stage: the model folders it exports}, from each stage config's `exports()` (none if absent)."""
+    return {name: list(c.exports()) if hasattr(c, "exports") else [] for name, c in configs.items()}
 
 
 def _changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -178,10 +192,15 @@ def link_finished(source: Path, target: Path, cfg, registry: Sequence[Stage]) ->
     """
     source, target = Path(source), Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    hashes = stage_hashes(cfg, registry, lambda stage, h: is_done(source, stage, h))
+    exports = stage_exports(stage_configs(cfg, registry))
+    hashes = stage_hashes(cfg, registry, lambda stage, h: is_done(source, stage, h, exports[stage]))
     linked = []
     for name in _order(registry):
-        if (target / name).exists() or (target / name).is_symlink() or not is_done(source, name, hashes[name]):
+        if (
+            (target / name).exists()
+            or (target / name).is_symlink()
+            or not is_done(source, name, hashes[name], exports[name])
+        ):
             continue
         os.symlink((source / name).resolve(), target / name, target_is_directory=True)
         log.info("%s/%s is reused from %s", target, name, source)
@@ -229,27 +248,32 @@ def run_pipeline(
         for other in reuse_from:
             link_finished(Path(other), workdir, cfg, registry)
 
+        exports = stage_exports(configs)
+
+        def done(stage: str, h: str) -> bool:
+            return is_done(workdir, stage, h, exports[stage])
+
         def present(stage: str, h: str) -> bool:
-            return stage in selected or is_done(workdir, stage, h)
+            return stage in selected or done(stage, h)
 
         hashes = stage_hashes(cfg, registry, present, configs)
         for name in selected:
             for dep in by_name[name].deps:
-                if dep not in selected and not is_done(workdir, dep, hashes[dep]):
+                if dep not in selected and not done(dep, hashes[dep]):
                     raise StageError(
                         f"stage {name!r} reads stage {dep!r}, which is not finished for this config in {workdir}; "
                         f"add {dep} to --stages"
                     )
         for name in selected:  # the inputs of every stage that will run, before any runs
             check = getattr(configs[name], "preflight", None)
-            if check is not None and not is_done(workdir, name, hashes[name]):
+            if check is not None and not done(name, hashes[name]):
                 check()
         if primary:
             _write_json(workdir / "config.json", json.loads(to_json(cfg)))
-        return _run_stages(workdir, selected, by_name, configs, hashes, present, settings, primary)
+        return _run_stages(workdir, selected, by_name, configs, hashes, present, done, settings, primary)
 
 
-def _run_stages(workdir, selected, by_name, configs, hashes, present, settings, primary) -> dict[str, dict]:
+def _run_stages(workdir, selected, by_name, configs, hashes, present, done, settings, primary) -> dict[str, dict]:
     import jax
 
     cache: dict = {}
@@ -258,21 +282,24 @@ def _run_stages(workdir, selected, by_name, configs, hashes, present, settings, 
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     for name in selected:
         folder, h = workdir / name, hashes[name]
-        done = read_marker(folder, "DONE")
-        if done is not None and done.get("hash") == h:
+        record = read_marker(folder, "DONE")
+        if done(name, h):
             log.info("stage %s: finished earlier with this config (hash %s), skipped", name, h)
-            records[name] = done
+            records[name] = record
             continue
         started = read_marker(folder, "STARTED")
-        if folder.is_symlink() or (folder.exists() and (started is None or started.get("hash") != h)):
-            # Artifacts of another config: never mix them with this one's.
-            log.info("stage %s: clearing %s (made with another config)", name, folder)
+        damaged = record is not None and record.get("hash") == h  # DONE, but an export is incomplete
+        if damaged:
+            log.warning("stage %s: finished earlier, but an export in %s is incomplete: running it again", name, folder)
+        if damaged or folder.is_symlink() or (folder.exists() and (started is None or started.get("hash") != h)):
+            # Artifacts of another config (or damaged ones): never mix them with this run's.
+            log.info("stage %s: clearing %s (%s)", name, folder, "damaged" if damaged else "made with another config")
             if primary:
                 if folder.is_symlink():
                     folder.unlink()
                 else:
                     shutil.rmtree(folder)
-        resumed = started is not None and started.get("hash") == h
+        resumed = not damaged and started is not None and started.get("hash") == h
         folder.mkdir(parents=True, exist_ok=True)
         if primary and not resumed:
             _write_json(folder / "STARTED", {"hash": h, "time": time.time()})

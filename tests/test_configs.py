@@ -18,9 +18,24 @@ from experiments.stages import REGISTRY
 ORDER = tuple(s.name for s in REGISTRY)
 
 
+def _faked(fn):
+    """A stage run by `fn(ctx)` that then writes the model folders its config says it exports (empty,
+    with their completion marker), as a finished stage leaves them."""
+    from cai_jax.checkpoints.hf import mark_export_complete
+
+    def run(ctx, c):
+        out = fn(ctx)
+        for folder in c.exports() if hasattr(c, "exports") else []:
+            (ctx.dir / folder).mkdir(parents=True, exist_ok=True)
+            mark_export_complete(ctx.dir / folder)
+        return out
+
+    return run
+
+
 def run_pipeline(cfg, workdir, *, stage_fns, **kw):
     """The pipeline with each stage's `run` replaced by `stage_fns[name](ctx)` (the configs still built)."""
-    registry = [dataclasses.replace(s, run=lambda ctx, c, f=stage_fns[s.name]: f(ctx)) for s in REGISTRY]
+    registry = [dataclasses.replace(s, run=_faked(stage_fns[s.name])) for s in REGISTRY]
     return _run_pipeline(cfg, workdir, registry=registry, **kw)
 
 
@@ -182,6 +197,25 @@ def test_workdir_skip_refuse_overwrite_and_fork(tmp_path):
     assert json.loads((work / "config.json").read_text())["pm"]["num_steps"] == 9
 
 
+def test_a_finished_stage_with_a_damaged_export_runs_again(tmp_path, caplog):
+    """DONE with this hash is not enough: a stage whose export lost its completion marker (cut or
+    damaged after the fact) is cleared and run again; the stages after it keep theirs."""
+    cfg = load_config("configs/tiny.py")
+    calls: list[str] = []
+    fns = _fake_stages(calls)
+    run_pipeline(cfg, tmp_path, stage_fns=fns)
+    (tmp_path / "sft" / "export" / "export.json").unlink()
+    calls.clear()
+    with caplog.at_level("WARNING", logger="experiments.pipeline"):
+        run_pipeline(cfg, tmp_path, stage_fns=fns)
+    assert calls == ["sft"]
+    assert "stage sft: finished earlier, but an export" in caplog.text
+    assert (tmp_path / "sft" / "export" / "export.json").is_file()
+    calls.clear()
+    run_pipeline(cfg, tmp_path, stage_fns=fns)
+    assert calls == []
+
+
 def test_interrupted_stage_resumes_in_place_and_stale_one_is_cleared(tmp_path):
     cfg = load_config("configs/tiny.py")
     calls: list[str] = []
@@ -227,11 +261,13 @@ def test_sweep_runs_share_finished_stages(tmp_path, monkeypatch):
     import experiments.pipeline as pipeline
 
     def fake_run(cfg, workdir, registry, **kw):
-        def fake(ctx, config):
+        def fake(ctx):
             calls.append((ctx.workdir.name, ctx.name))
             return {}
 
-        return pipeline.run_pipeline(cfg, workdir, registry=[dataclasses.replace(s, run=fake) for s in registry], **kw)
+        return pipeline.run_pipeline(
+            cfg, workdir, registry=[dataclasses.replace(s, run=_faked(fake)) for s in registry], **kw
+        )
 
     monkeypatch.setattr(sweep, "run_pipeline", fake_run)
     monkeypatch.setattr("experiments.report.sweep_report", lambda root, runs, kind: root / "sweep_report.md")

@@ -81,6 +81,10 @@ class Config:
             )
         return c
 
+    def exports(self) -> list[str]:
+        """The model folders this stage writes (the pipeline checks their completion marker on skip)."""
+        return ["export"]
+
     def preflight(self) -> None:
         """The PMP source and a helpfulness comparisons file exist and parse (experiments/preflight.py)."""
         from experiments import preflight as pf

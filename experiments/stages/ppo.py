@@ -68,6 +68,10 @@ class Config:
         steps = {n if k < 0 else k for k in self.eval.elo_snapshots}
         return sorted({k for k in steps if 0 < k <= n} | {n})
 
+    def exports(self) -> list[str]:
+        """The model folders this stage writes (the pipeline checks their completion marker on skip)."""
+        return [f"snapshots/iter_{k}" for k in self.snapshot_iterations()]
+
 
 def run(ctx: StageContext, cfg: Config) -> dict:
     from cai_jax.checkpoints.hf import require_complete_export

@@ -43,6 +43,10 @@ class Config:
     def build(cls, cfg) -> Config:
         return take(cls, cfg, "config")
 
+    def exports(self) -> list[str]:
+        """The model folders this stage writes (the pipeline checks their completion marker on skip)."""
+        return ["export"]
+
     def preflight(self) -> None:
         """The starting model (fine-tuned here) resolves (experiments/preflight.py)."""
         from experiments.preflight import check_model
