@@ -18,6 +18,7 @@ __all__ = [
     "ppo_rewards",
     "gae",
     "whiten",
+    "rloo_advantages",
     "ppo_policy_loss",
     "ppo_value_loss",
     "entropy_from_logits",
@@ -261,6 +262,30 @@ def entropy_from_logits(logits_BTV: jax.Array, mask_BT: jax.Array) -> jax.Array:
     p_BTV = jnp.exp(logp_BTV)
     entropy_BT = -jnp.sum(p_BTV * jnp.where(p_BTV > 0, logp_BTV, 0.0), axis=-1)
     return masked_mean(entropy_BT, mask_BT)
+
+
+def rloo_advantages(rewards_PK: jax.Array) -> jax.Array:
+    """REINFORCE leave-one-out advantages of k samples per prompt (Kool et al. 2019; Ahmadian et al. 2024).
+
+    A_i = R_i - 1/(k-1) sum_{j != i} R_j: each sample's baseline is the mean reward of the other
+    samples of its prompt, so it does not depend on the sample it scores and the gradient stays
+    unbiased. Equivalently A_i = k/(k-1) (R_i - mean_j R_j); the advantages of a prompt sum to 0.
+
+    Args:
+      rewards_PK: [P, K] sequence rewards, row p holding the K >= 2 samples of prompt p.
+
+    Returns:
+      float32 [P, K] advantages; no gradient flows through them.
+
+    Raises:
+      ValueError: K < 2 (a single sample has no other sample to be its baseline).
+    """
+    rewards_PK = jax.lax.stop_gradient(as_f32(rewards_PK))
+    if rewards_PK.ndim != 2 or rewards_PK.shape[1] < 2:
+        raise ValueError(f"rloo_advantages: rewards must be [prompts, k] with k >= 2, got shape {rewards_PK.shape}")
+    k = rewards_PK.shape[1]
+    others_PK = jnp.sum(rewards_PK, axis=1, keepdims=True) - rewards_PK
+    return rewards_PK - others_PK / (k - 1)
 
 
 def adaptive_kl_update(beta, current_kl, target_kl, horizon, n_steps):

@@ -1,0 +1,528 @@
+"""RLOO against the PM: REINFORCE with a leave-one-out baseline (Ahmadian et al. 2024; Kool et al. 2019).
+
+    state = train_rloo(policy, reference, pm, ["How do I ...?", ...], rloo_cfg=cfg, optim_cfg=optim,
+                       num_iterations=100, seed=0, workdir=f"{workdir}/ppo", rendering="chat",
+                       export_at={1: f"{workdir}/ppo/snapshots/iter_1"})
+
+An iteration samples `k` responses to each of `rollout_batch_size` prompts (the batch holds each
+prompt k times in a row; the sampler prefills a repeated prompt once), scores them with the PM
+(`pm_reward.PMReward`, as PPO does) or a `reward_fn`, and gives response i the sequence reward
+
+    R_i = (score_i - mean) / std - missing-EOS penalty - beta * sum_t KL_t
+
+(`rl_losses.ppo_rewards` summed over the response: the same reward as PPO, KL estimator included),
+the advantage A_i = R_i - mean of the other k - 1 rewards of its prompt (`rl_losses.rloo_advantages`)
+and the loss -mean_i A_i sum_t log pi(y_i,t). There is no value model and no clipping: this is the
+paper's REINFORCE estimator, unbiased for the policy that sampled the batch. With `epochs` = 1 and
+`minibatch_size` = rollout_batch_size * k it is exactly on-policy (one update per rollout); smaller
+minibatches or more epochs reuse the rollout off-policy, and `policy/approxkl` (0.5 E[(log pi -
+log pi_rollout)^2] per token) says how far the policy moved from the one that sampled it.
+
+The loop is PPO's: `ppo_rollout.RolloutSource` (its prompt stream, position, resume state and
+samples.jsonl rows) with `RLOOSource.next` for the rollout, on the one fit loop (`train.fit.fit`,
+one step = one iteration), so exact resume, `export_at` snapshots with their completion marker
+and the metrics / samples files behave as in `train.ppo`. Metrics use PPO's names
+(`METRIC_NAMES`); PPO's value and clipping metrics have no counterpart here.
+
+Params of the train state: {"policy": Transformer params}. Shape letters: B rows (= prompts x k),
+P prompts, K samples per prompt, L = prompt + N response tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cai_jax.checkpoints.hf import is_complete_export
+from cai_jax.checkpoints.train_state import CheckpointConfig, Checkpointer
+from cai_jax.models import Transformer
+from cai_jax.rl_losses import entropy_from_logits, ppo_rewards, rloo_advantages
+from cai_jax.sampling import STOP_EOS, generate
+from cai_jax.scoring import token_logprobs
+from cai_jax.sharding import (
+    BATCH_AXES,
+    DATA_PARALLEL,
+    DEFAULT_RULES,
+    Rules,
+    batch_sharding,
+    make_mesh,
+    param_shardings,
+    shard_params,
+    with_rules,
+)
+from cai_jax.text import bucket_length
+from cai_jax.train.fit import Step, default_checkpoints, fit
+from cai_jax.train.logs import JsonlLog, MetricsLogger
+from cai_jax.train.loop import jit_train_step, state_shardings
+from cai_jax.train.pm_reward import PMReward, chunks
+from cai_jax.train.ppo_rollout import PromptStream, RewardFn, Rollout, RolloutSource, _encode_prompts, layout
+from cai_jax.train.ppo_steps import KL_ESTIMATORS
+from cai_jax.train.sft import export_params
+from cai_jax.train.state import OptimConfig, Optimizer, TrainState, make_optimizer, strict_fields
+from cai_jax.train.steps import _apply
+
+__all__ = ["RLOOConfig", "RLOOSource", "METRIC_NAMES", "rloo_forward", "rloo_rewards", "rloo_update", "train_rloo"]
+
+METRIC_NAMES = (
+    "objective/scores",  # mean raw reward (PM score or reward_fn output) of the rollout's responses
+    "objective/kl",  # mean over responses of the summed per-token KL estimate to the reference, nats
+    "objective/entropy",  # mean per-token entropy of the rollout policy on its responses, nats
+    "objective/rlhf_reward",  # mean R_i (normalised score - missing-EOS penalty - beta KL)
+    "objective/kl_coef",  # beta (fixed)
+    "policy/approxkl",  # mean over updates of 0.5 E[(logp - rollout logp)^2] per token
+    "loss/policy",  # -mean_i A_i sum_t logp, mean over updates
+    "loss",  # = loss/policy (no value or entropy term)
+    "grad_norm",
+    "lr",
+    "rollout/logprob_diff",  # max |sampler log-prob - teacher-forced log-prob| over response tokens
+    "response/length_mean",  # generated tokens per response (EOS included)
+    "response/no_eos_frac",  # fraction of responses cut at max_new_tokens
+    "time/rollout",  # seconds sampling
+    "time/scoring",  # seconds for PM / reward, teacher-forced forwards and advantages
+    "time/train",  # seconds for the updates
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLOOConfig:
+    """RLOO hyper-parameters (a config section, converted by `from_config`).
+
+    No defaults: a run's values live in the config file, and `from_config` requires every field.
+    Frozen and hashable: it is a static argument of the jitted steps.
+    """
+
+    rollout_batch_size: int  # prompts sampled per iteration
+    k: int  # responses sampled per prompt (>= 2: each one's baseline is the mean of the others)
+    minibatch_size: int  # responses per optimizer update; divides rollout_batch_size * k
+    micro_batch_size: int  # rows per forward/backward pass (gradients accumulated up to minibatch_size)
+    epochs: int  # passes over each rollout, reshuffled each time (1 with a full minibatch: on-policy)
+    max_new_tokens: int  # N: response length cap, tokens
+    temperature: float  # sampling temperature (> 0); the trained policy is softmax(logits / temperature)
+    generation_batch_size: int  # rows per sampler call, a multiple of k (0: the whole rollout at once)
+    kl_coef: float  # beta: KL penalty coefficient, reward units per nat
+    kl_estimator: str  # per-token KL estimator in the reward: "k1" (log-ratio), "k3" (or "k2")
+    missing_eos_penalty: float  # subtracted from the normalised score of responses without EOS; 0 disables
+    pm_retokenize: bool  # PM vocabulary differs from the policy's: re-encode the text (False: raise)
+    sample_every: int  # iterations between sample dumps to <workdir>/samples.jsonl; 0 disables
+    num_samples_logged: int  # (prompt, response, score) rows per dump (the first prompts' k samples)
+
+    def __post_init__(self):
+        positive = ("rollout_batch_size", "minibatch_size", "micro_batch_size", "epochs", "max_new_tokens")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"RLOOConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.k < 2:
+            raise ValueError(f"RLOOConfig.k={self.k} must be >= 2 (the leave-one-out baseline needs another sample)")
+        if self.rows % self.minibatch_size or self.minibatch_size % self.micro_batch_size:
+            raise ValueError(
+                f"RLOOConfig: minibatch_size={self.minibatch_size} must divide rollout_batch_size * k = {self.rows} "
+                f"and micro_batch_size={self.micro_batch_size} must divide minibatch_size"
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"RLOOConfig.temperature={self.temperature} must be > 0 (RLOO needs a stochastic policy)")
+        if self.generation_batch_size < 0 or self.generation_batch_size % self.k:
+            raise ValueError(
+                f"RLOOConfig.generation_batch_size={self.generation_batch_size} must be 0 or a multiple of "
+                f"k={self.k} (a prompt's samples share one prefill only within a sampler call)"
+            )
+        if self.sample_every < 0 or self.num_samples_logged < 0:
+            raise ValueError("RLOOConfig.sample_every and num_samples_logged must be >= 0")
+        if self.kl_coef < 0 or self.missing_eos_penalty < 0:
+            raise ValueError("RLOOConfig.kl_coef and missing_eos_penalty must be >= 0")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"RLOOConfig.kl_estimator={self.kl_estimator!r}; expected one of {KL_ESTIMATORS}")
+
+    @property
+    def rows(self) -> int:
+        """Responses per iteration: rollout_batch_size prompts x k samples."""
+        return self.rollout_batch_size * self.k
+
+    @property
+    def updates_per_iteration(self) -> int:
+        """Optimizer updates of one iteration: epochs passes of rows / minibatch updates."""
+        return self.epochs * (self.rows // self.minibatch_size)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | Any) -> RLOOConfig:
+        """Builds the config from a ConfigDict or a plain dict; a ValueError names unknown and missing fields."""
+        return cls(**strict_fields(cls, cfg, "rloo"))
+
+
+# ---------------------------------------------------------------- pure steps
+
+
+def _response_logits_logp(params, tokens_BL, mask_BL, *, model: nn.Module, n: int, temperature: float):
+    """Logits [B, N, V] (at the temperature) and log-probs [B, N] of the N response tokens, float32."""
+    p = tokens_BL.shape[1] - n
+    logits_BNV = model.apply({"params": params}, tokens_BL, mask_BL)[:, p - 1 : p - 1 + n]
+    logits_BNV = logits_BNV.astype(jnp.float32) / temperature
+    return logits_BNV, token_logprobs(logits_BNV, tokens_BL[:, p:])
+
+
+def rloo_forward(params, ref_params, tokens_BL, mask_BL, resp_mask_BN, *, policy_model, ref_model, cfg: RLOOConfig):
+    """Teacher-forced log-probs of a rollout chunk under the rollout policy and the reference.
+
+    Returns:
+      {"logp", "ref_logp"} [B, N] (0 at padding), "entropy_sum" (summed over response tokens, nats)
+      and "tokens" (response tokens).
+    """
+    n, t = cfg.max_new_tokens, cfg.temperature
+    logits_BNV, logp_BN = _response_logits_logp(
+        params["policy"], tokens_BL, mask_BL, model=policy_model, n=n, temperature=t
+    )
+    _, ref_logp_BN = _response_logits_logp(ref_params, tokens_BL, mask_BL, model=ref_model, n=n, temperature=t)
+    keep_BN = resp_mask_BN.astype(bool)
+    count = jnp.sum(resp_mask_BN.astype(jnp.float32))
+    return {
+        "logp": jnp.where(keep_BN, logp_BN, 0.0),
+        "ref_logp": jnp.where(keep_BN, ref_logp_BN, 0.0),
+        "entropy_sum": entropy_from_logits(logits_BNV, resp_mask_BN) * count,
+        "tokens": count,
+    }
+
+
+def rloo_rewards(
+    score_B, logp_BN, ref_logp_BN, resp_mask_BN, ended_B, beta, score_mean, score_std, *, cfg: RLOOConfig
+) -> dict[str, jax.Array]:
+    """Sequence rewards and leave-one-out advantages of a rollout whose rows are P prompts x k samples.
+
+    R_i = sum_t of `rl_losses.ppo_rewards` = (score - mean) / std - missing-EOS penalty - beta sum_t KL_t;
+    A = `rloo_advantages` of R grouped [P, k]. `beta` is an array (no recompile when it changes).
+
+    Returns:
+      {"reward", "kl_sum", "advantages"} [B], float32.
+    """
+    rewards_BN, kl_BN = ppo_rewards(
+        score_B, logp_BN, ref_logp_BN, resp_mask_BN, beta=beta, kl_kind=cfg.kl_estimator, score_mean=score_mean,
+        score_std=score_std, ended_B=ended_B, missing_eos_penalty=cfg.missing_eos_penalty,
+    )  # fmt: skip
+    reward_B = jnp.sum(rewards_BN, axis=1)
+    adv_B = rloo_advantages(reward_B.reshape(-1, cfg.k)).reshape(-1)
+    return {"reward": reward_B, "kl_sum": jnp.sum(kl_BN, axis=1), "advantages": adv_B}
+
+
+def rloo_update(
+    state: TrainState, minibatch: dict, *, policy_model, optimizer: Optimizer, cfg: RLOOConfig
+) -> tuple[TrainState, dict]:
+    """One optimizer update on -mean_i A_i sum_t log pi(y_i,t), accumulated over micro-batches.
+
+    Args:
+      state: params {"policy"}.
+      minibatch: "tokens", "mask" [K, B/K, L]; "resp_mask", "old_logp" [K, B/K, N]; "advantages" [K, B/K].
+
+    Returns:
+      (new state, metrics {"loss", "loss/policy", "policy/approxkl", "grad_norm", "lr", "param_norm"}),
+      the losses of the params before the update.
+    """
+    rows = minibatch["advantages"].size
+    total_tokens = jnp.sum(minibatch["resp_mask"].astype(jnp.float32))
+
+    def loss_fn(params, mb):
+        _, logp_BN = _response_logits_logp(
+            params["policy"], mb["tokens"], mb["mask"], model=policy_model, n=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+        )  # fmt: skip
+        keep_BN = mb["resp_mask"].astype(bool)
+        logp_B = jnp.sum(jnp.where(keep_BN, logp_BN, 0.0), axis=1)
+        loss = -jnp.sum(jax.lax.stop_gradient(mb["advantages"]) * logp_B) / rows  # this micro-batch's share
+        diff_BN = jnp.where(keep_BN, jax.lax.stop_gradient(logp_BN) - mb["old_logp"], 0.0)
+        approxkl = 0.5 * jnp.sum(jnp.square(diff_BN)) / total_tokens
+        sg = jax.lax.stop_gradient(loss)
+        return loss, {"loss": sg, "loss/policy": sg, "policy/approxkl": approxkl}
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def micro(acc, mb):
+        return jax.tree.map(jnp.add, acc, grad_fn(state.params, mb)), None
+
+    zeros = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], minibatch))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+    (grads, metrics), _ = jax.lax.scan(micro, zeros, minibatch)
+    state, opt_metrics = _apply(state, grads, optimizer)
+    return state, {**metrics, **opt_metrics}
+
+
+class _Steps(NamedTuple):
+    shardings: TrainState
+    ref_shardings: Any
+    create: Callable  # (params, rng) -> TrainState, placed on `shardings`
+    forward: Callable  # rloo_forward, jitted
+    rewards: Callable  # rloo_rewards, jitted
+    update: Callable  # rloo_update, jitted with the state donated
+
+
+@functools.lru_cache(maxsize=8)
+def _build(policy_cfg, ref_cfg, cfg: RLOOConfig, ocfg: OptimConfig, mesh, rules, width: int) -> _Steps:
+    """Shardings and jitted steps for one setup, cached so repeated runs in a process compile once."""
+    policy_model, ref_model = Transformer(policy_cfg), Transformer(ref_cfg)
+    sample = jax.ShapeDtypeStruct((cfg.micro_batch_size, width + cfg.max_new_tokens), jnp.int32)
+    abstract = {"policy": jax.eval_shape(lambda: nn.meta.unbox(policy_model.init(jax.random.key(0), sample)["params"]))}
+    optimizer = make_optimizer(ocfg, abstract)
+
+    def create(params, rng):
+        return TrainState.create(params, optimizer, rng)
+
+    p_shardings = {"policy": param_shardings(policy_model, sample, mesh, rules)}
+    shardings = state_shardings(jax.eval_shape(create, abstract, jax.random.key(0)), p_shardings, mesh)
+    rows_sh = batch_sharding(mesh)
+    forward = jax.jit(
+        functools.partial(rloo_forward, policy_model=policy_model, ref_model=ref_model, cfg=cfg),
+        in_shardings=(shardings.params, None, rows_sh, rows_sh, rows_sh),
+    )
+
+    def forward_in_mesh(*args):
+        with with_rules(mesh, rules):
+            return forward(*args)
+
+    forward_in_mesh.jitted = forward  # for .lower(), as PPO's
+
+    update = jit_train_step(
+        functools.partial(rloo_update, policy_model=policy_model, optimizer=optimizer, cfg=cfg),
+        shardings,
+        NamedSharding(mesh, P(None, BATCH_AXES)),
+        mesh,
+        rules,
+    )
+    return _Steps(
+        shardings=shardings,
+        ref_shardings=param_shardings(ref_model, sample, mesh, rules),
+        create=jax.jit(create, out_shardings=shardings),
+        forward=forward_in_mesh,
+        rewards=jax.jit(functools.partial(rloo_rewards, cfg=cfg)),
+        update=update,
+    )
+
+
+# ---------------------------------------------------------------- the rollout source and the update
+
+
+class RLOOSource(RolloutSource):
+    """RLOO's `fit.Source`: PPO's `RolloutSource` (stream, position, samples) with k samples per prompt.
+
+    Constructed like `RolloutSource`, with `steps` an RLOO `_Steps` and `cfg` an `RLOOConfig`; the
+    KL coefficient in its position stays `cfg.kl_coef` (no adaptive controller).
+    """
+
+    def next(self, state: TrainState, it: int) -> Step:
+        """Iteration `it`'s rollout under `state.params`. Raises FloatingPointError on bad rewards."""
+        cfg, policy = self.cfg, self.policy
+        rows, batch_id = self.stream.next()
+        rows = [i for i in rows for _ in range(cfg.k)]  # each prompt k times in a row: groups of k
+        prompts_b = [self.stream.prompts[i] for i in rows]
+        convs_b = None if self.conversations is None else [self.conversations[i] for i in rows]
+        t0 = time.perf_counter()
+        out = self.sampler(
+            policy,
+            prompts_b,
+            rng=jax.random.fold_in(state.rng, it),
+            params=state.params["policy"],
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            stop_at_eos=True,
+            batch_size=cfg.generation_batch_size or None,
+        )
+        responses, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        sampler_logp, ended = np.asarray(out.logprobs), out.stop_reason == STOP_EOS
+        t1 = time.perf_counter()
+
+        tokens, mask, resp_mask = layout(prompts_b, responses, lengths, self.width, self.pad)
+        if isinstance(self.reward_fn, PMReward):
+            scores = self.reward_fn(convs_b, prompts_b, responses, lengths, ended)
+        else:
+            scores = self.reward_fn(prompts_b, responses, lengths)
+        scores = np.asarray(scores, np.float32).reshape(-1)
+        if scores.shape != (len(prompts_b),) or not np.all(np.isfinite(scores)):
+            raise FloatingPointError(
+                f"non-finite or malformed rewards at iteration {it + 1} (batch {batch_id}; got {scores.tolist()}); "
+                "not trained on"
+            )
+        fwd = []
+        for chunk, _ in chunks({"t": tokens, "m": mask, "r": resp_mask}, cfg.micro_batch_size):  # never padded
+            fwd.append(
+                jax.device_get(self.steps.forward(state.params, self.ref_params, chunk["t"], chunk["m"], chunk["r"]))
+            )
+        logp, ref_logp = (np.concatenate([f[k] for f in fwd]) for k in ("logp", "ref_logp"))
+        entropy = sum(float(f["entropy_sum"]) for f in fwd) / max(sum(float(f["tokens"]) for f in fwd), 1.0)
+        beta = self.beta
+        rew = jax.device_get(
+            self.steps.rewards(scores, logp, ref_logp, resp_mask, ended, np.float32(beta), *self.score_norm)
+        )
+        t2 = time.perf_counter()
+
+        batch = {
+            "tokens": tokens,
+            "mask": mask,
+            "resp_mask": resp_mask,
+            "old_logp": logp,
+            "advantages": rew["advantages"],
+        }
+        stats = {
+            "objective/scores": float(np.mean(scores)),
+            "objective/kl": float(np.mean(rew["kl_sum"])),
+            "objective/entropy": entropy,
+            "objective/rlhf_reward": float(np.mean(rew["reward"])),
+            "objective/kl_coef": beta,
+            "rollout/logprob_diff": float(np.max(np.abs(sampler_logp - logp) * resp_mask)),
+            "response/length_mean": float(np.mean(lengths)),
+            "response/no_eos_frac": float(np.mean(~ended)),
+            "time/rollout": t1 - t0,
+            "time/scoring": t2 - t1,
+        }
+        self.iteration = it + 1
+        samples = []
+        if cfg.sample_every and (it == 0 or (it + 1) % cfg.sample_every == 0):
+            samples = self._samples(it, prompts_b, convs_b, responses, lengths, scores, rew["kl_sum"], ended)
+        return Step(Rollout(batch, stats, it), {"iteration": it + 1, "batch_id": batch_id}, {"samples": samples})
+
+
+def update_on_rollout(state: TrainState, rollout: Rollout, *, update: Callable, cfg: RLOOConfig, seed: int):
+    """`epochs` passes over the rollout's rows, each in the order default_rng([seed, it, epoch]), of
+    minibatch `update`s (state donated); returns (state, mean update metrics + rollout stats + time/train)."""
+    t0 = time.perf_counter()
+    micro = cfg.minibatch_size // cfg.micro_batch_size
+    updates = []
+    for epoch in range(cfg.epochs):
+        order = np.random.default_rng([seed, rollout.iteration, epoch]).permutation(cfg.rows)
+        for start in range(0, cfg.rows, cfg.minibatch_size):
+            idx = order[start : start + cfg.minibatch_size]
+            mb = {name: v[idx].reshape(micro, cfg.micro_batch_size, *v.shape[1:]) for name, v in rollout.batch.items()}
+            state, metrics = update(state, mb)
+            updates.append(metrics)
+    updates = jax.device_get(updates)
+    row = {name: float(np.mean([u[name] for u in updates])) for name in updates[0]}
+    return state, {**row, **rollout.stats, "time/train": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+def train_rloo(
+    policy: Any,
+    reference: Any,
+    pm: Any,
+    prompts: Sequence[Sequence[int] | str],
+    *,
+    rloo_cfg: RLOOConfig | Any,
+    optim_cfg: OptimConfig | Any,
+    ckpt_cfg: CheckpointConfig | None | bool = None,
+    mesh_cfg: Any = None,
+    num_iterations: int,
+    seed: int = 0,
+    workdir: str | os.PathLike,
+    export_dir: str | os.PathLike | None = None,
+    export_at: Mapping[int, str | os.PathLike] | None = None,
+    reward_fn: RewardFn | None = None,
+    rendering: str | None = None,
+    rules: Rules = DEFAULT_RULES,
+) -> TrainState:
+    """Trains `policy` with RLOO against `pm` (or `reward_fn`) for `num_iterations` iterations in total.
+
+    Arguments as `train_ppo`'s (`rloo_cfg` in place of `ppo_cfg`):
+      policy: LoadedModel-like (.model, .params, .tokenizer, .config): the SL-CAI model to train.
+      reference: LoadedModel-like, frozen (usually the same SL-CAI model).
+      pm: LoadedPM-like with reward statistics, or None when `reward_fn` is given.
+      prompts: conversations (encoded with `text.encode_prompt` in `rendering`) or token-id lists.
+      rloo_cfg: `RLOOConfig` or its config dict.
+      optim_cfg: `OptimConfig` or its config dict; a step is one minibatch update (its schedule
+        spans num_iterations * rloo_cfg.updates_per_iteration); `grad_accum_steps` must be 1.
+      ckpt_cfg: where and how often (in iterations) to save; default `workdir/checkpoints`, saving
+        only the end; False saves nothing.
+      mesh_cfg: mesh sizes (default: all devices on the data axis).
+      num_iterations: iterations (rollout + updates), counting resumed ones.
+      seed: prompt order and the sampling / state rng.
+      workdir: folder for metrics.jsonl and samples.jsonl (cut back to the restored iteration on resume).
+      export_dir: if given, the final policy is written there as an HF-format folder.
+      export_at: {iteration: folder}: the policy after that iteration, exported during this call.
+      reward_fn: `reward_fn(prompt_ids, response_ids [B, N], lengths [B]) -> [B]` raw rewards
+        (normalised with mean 0 / std 1), used instead of a PM.
+      rendering: how text prompts are rendered for the policy ("chat" | "transcript").
+      rules: logical-axis rules.
+
+    Returns:
+      The final train state, params {"policy"}.
+
+    Raises:
+      FloatingPointError: a non-finite reward or loss, naming the iteration and the last good checkpoint.
+    """
+    cfg = rloo_cfg if isinstance(rloo_cfg, RLOOConfig) else RLOOConfig.from_config(rloo_cfg)
+    ocfg = optim_cfg if isinstance(optim_cfg, OptimConfig) else OptimConfig.from_config(optim_cfg)
+    if ocfg.grad_accum_steps != 1:
+        raise ValueError("RLOO accumulates gradients over micro-batches itself: set optim.grad_accum_steps=1")
+    if (pm is None) == (reward_fn is None):
+        raise ValueError("train_rloo: pass exactly one of pm and reward_fn")
+    if jax.process_count() > 1:
+        raise NotImplementedError("train_rloo runs in a single process (the sampler uses the local devices)")
+    if pm is not None and (pm.reward_mean is None or not pm.reward_std):
+        raise ValueError(
+            f"the PM has no reward statistics (reward_mean={pm.reward_mean}, reward_std={pm.reward_std}); RLOO's "
+            "rewards are normalised PM scores: export the PM with them (train_pm computes them)"
+        )
+    workdir = os.fspath(workdir)
+    tokenizer = getattr(policy, "tokenizer", None)
+    prompt_ids, conversations = _encode_prompts(prompts, tokenizer, rendering)
+    width = bucket_length(max(map(len, prompt_ids)), 16)
+    context = min(policy.config.max_position_embeddings, reference.config.max_position_embeddings)
+    if width + cfg.max_new_tokens > context:
+        raise ValueError(
+            f"prompts padded to {width} tokens + max_new_tokens={cfg.max_new_tokens} exceed the context of {context}"
+        )
+    stream = PromptStream(prompt_ids, batch_size=cfg.rollout_batch_size, seed=seed)
+    mesh = make_mesh(DATA_PARALLEL if mesh_cfg is None else mesh_cfg)
+    rules = tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in rules)
+    if pm is not None:  # checks the vocabularies before anything compiles
+        reward_fn = PMReward(
+            pm, policy, rendering=rendering, retokenize=cfg.pm_retokenize, batch_size=cfg.micro_batch_size, mesh=mesh,
+            rules=rules,
+        )  # fmt: skip
+        score_norm = (np.float32(pm.reward_mean), np.float32(pm.reward_std))
+    else:
+        score_norm = (np.float32(0.0), np.float32(1.0))
+    steps = _build(policy.config, reference.config, cfg, ocfg, mesh, rules, width)
+    # A copy: the first update donates the state, and the caller's params (often the reference too) must survive.
+    params = jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get({"policy": policy.params}))
+    state = steps.create(shard_params(params, steps.shardings.params), jax.random.key(seed))
+    del params
+    source = RLOOSource(
+        steps, shard_params(reference.params, steps.ref_shardings), reward_fn, score_norm, cfg, stream=stream,
+        conversations=conversations, width=width, pad=int(policy.config.pad_token_id or 0), policy=policy,
+        sampler=generate,
+    )  # fmt: skip
+
+    def export(state: TrainState, folder: str | os.PathLike) -> None:
+        export_params(state.params["policy"], policy.config, folder, tokenizer)
+
+    samples = JsonlLog(os.path.join(workdir, "samples.jsonl"), key="iteration", ensure_ascii=False)
+    logger = MetricsLogger(os.path.join(workdir, "metrics.jsonl"), unit="iteration", attachments={"samples": samples})
+    ckpt = Checkpointer(None if ckpt_cfg is False else ckpt_cfg or default_checkpoints(workdir, num_iterations))
+    try:
+        state = fit(
+            source,
+            functools.partial(update_on_rollout, update=steps.update, cfg=cfg, seed=seed),
+            state,
+            ckpt=ckpt,
+            logger=logger,
+            num_steps=num_iterations,
+            export_at=export_at,
+            export=export,
+            export_done=is_complete_export,
+            fetch_late=False,
+            name="RLOO",
+            unit="iteration",
+        )
+    finally:
+        logger.close()
+        ckpt.close()
+    if export_dir is not None:
+        export(state, export_dir)
+    return state
