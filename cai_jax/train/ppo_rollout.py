@@ -38,7 +38,7 @@ from cai_jax.train.pm_reward import PMReward, chunks
 from cai_jax.train.ppo_steps import PPOConfig
 from cai_jax.train.state import TrainState
 
-__all__ = ["METRIC_NAMES", "PromptStream", "layout", "Rollout", "RolloutSource", "update_on_rollout"]
+__all__ = ["METRIC_NAMES", "PromptStream", "layout", "Rollout", "RolloutSource", "Sampled", "update_on_rollout"]
 
 RewardFn = Callable[[Sequence[Sequence[int]], np.ndarray, np.ndarray], np.ndarray]
 METRIC_NAMES = (
@@ -123,6 +123,25 @@ class Rollout(NamedTuple):
     iteration: int  # 0-based
 
 
+class Sampled(NamedTuple):
+    """One batch of responses, scored and teacher-forced (`RolloutSource.sample_and_score`)."""
+
+    prompts: list  # the rows' prompt ids
+    conversations: list | None  # the rows' prompt texts (None for token-id prompts)
+    responses: np.ndarray  # [B, N] sampled ids
+    lengths: np.ndarray  # [B] generated tokens (EOS included)
+    sampler_logp: np.ndarray  # [B, N] the sampler's log-probs
+    ended: np.ndarray  # [B] stopped at EOS
+    tokens: np.ndarray  # [B, P+N] prompt + response layout
+    mask: np.ndarray  # [B, P+N]
+    resp_mask: np.ndarray  # [B, N]
+    scores: np.ndarray  # [B] raw rewards
+    forwards: dict  # `steps.forward`'s per-row outputs, concatenated ("logp", "ref_logp", ...)
+    entropy: float  # mean per-token entropy of the sampling policy on the responses
+    seconds_rollout: float  # sampling time
+    started: float  # perf_counter at the start
+
+
 class RolloutSource:
     """PPO's `fit.Source`: a `Rollout` per iteration (module docstring); position = stream + beta.
 
@@ -169,10 +188,11 @@ class RolloutSource:
         self.beta = float(data_state["kl_coef"])
         self.iteration = int(data_state["iteration"])
 
-    def next(self, state: TrainState, it: int) -> Step:
-        """Iteration `it`'s rollout under `state.params`. Raises FloatingPointError on bad rewards."""
+    def sample_and_score(self, state: TrainState, it: int, rows: Sequence[int], batch_id: Any) -> Sampled:
+        """Samples a response to each of the stream's prompts `rows` under `state.params`, scores them
+        and runs the teacher-forced forwards (`steps.forward`, in micro-batches): what PPO's and
+        RLOO's iterations share. Raises FloatingPointError on non-finite or malformed rewards."""
         cfg, policy = self.cfg, self.policy
-        rows, batch_id = self.stream.next()
         prompts_b = [self.stream.prompts[i] for i in rows]
         convs_b = None if self.conversations is None else [self.conversations[i] for i in rows]
         t0 = time.perf_counter()
@@ -205,61 +225,75 @@ class RolloutSource:
         for chunk, _ in chunks({"t": tokens, "m": mask, "r": resp_mask}, cfg.micro_batch_size):  # never padded
             out = self.steps.forward(state.params, self.ref_params, chunk["t"], chunk["m"], chunk["r"])
             fwd.append(jax.device_get(out))
-        cat = {k: np.concatenate([f[k] for f in fwd]) for k in ("logp", "ref_logp", "values")}
         entropy = sum(float(f["entropy_sum"]) for f in fwd) / max(sum(float(f["tokens"]) for f in fwd), 1.0)
+        keys = [k for k in fwd[0] if k not in ("entropy_sum", "tokens")]
+        return Sampled(
+            prompts_b, convs_b, responses, lengths, sampler_logp, ended, tokens, mask, resp_mask, scores,
+            {k: np.concatenate([f[k] for f in fwd]) for k in keys}, entropy, t1 - t0, t0,
+        )  # fmt: skip
+
+    def rollout_stats(self, s: Sampled, logp: np.ndarray, kl_sum, reward, beta: float) -> dict:
+        """The metrics every RL objective's rollout reports (`METRIC_NAMES` minus the update's)."""
+        return {
+            "objective/scores": float(np.mean(s.scores)),
+            "objective/kl": float(np.mean(kl_sum)),
+            "objective/entropy": s.entropy,
+            "objective/rlhf_reward": float(np.mean(reward)),
+            "objective/kl_coef": beta,
+            "rollout/logprob_diff": float(np.max(np.abs(s.sampler_logp - logp) * s.resp_mask)),
+            "response/length_mean": float(np.mean(s.lengths)),
+            "response/no_eos_frac": float(np.mean(~s.ended)),
+            "time/rollout": s.seconds_rollout,
+            "time/scoring": time.perf_counter() - s.started - s.seconds_rollout,
+        }
+
+    def next(self, state: TrainState, it: int) -> Step:
+        """Iteration `it`'s rollout under `state.params`. Raises FloatingPointError on bad rewards."""
+        cfg = self.cfg
+        rows, batch_id = self.stream.next()
+        s = self.sample_and_score(state, it, rows, batch_id)
+        cat = s.forwards
         beta = self.beta
         adv = self.steps.advantages(
-            scores, cat["logp"], cat["ref_logp"], cat["values"], resp_mask, ended, np.float32(beta), *self.score_norm
-        )
+            s.scores, cat["logp"], cat["ref_logp"], cat["values"], s.resp_mask, s.ended, np.float32(beta),
+            *self.score_norm,
+        )  # fmt: skip
         adv = jax.device_get(adv)
-        t2 = time.perf_counter()
-
         batch = {
-            "tokens": tokens,
-            "mask": mask,
-            "resp_mask": resp_mask,
+            "tokens": s.tokens,
+            "mask": s.mask,
+            "resp_mask": s.resp_mask,
             "old_logp": cat["logp"],
             "old_values": cat["values"],
             "advantages": adv["advantages"],
             "returns": adv["returns"],
         }
-        stats = {
-            "objective/scores": float(np.mean(scores)),
-            "objective/kl": float(np.mean(adv["kl_sum"])),
-            "objective/entropy": entropy,
-            "objective/rlhf_reward": float(np.mean(adv["reward_sum"])),
-            "objective/kl_coef": beta,
-            "rollout/logprob_diff": float(np.max(np.abs(sampler_logp - cat["logp"]) * resp_mask)),
-            "response/length_mean": float(np.mean(lengths)),
-            "response/no_eos_frac": float(np.mean(~ended)),
-            "time/rollout": t1 - t0,
-            "time/scoring": t2 - t1,
-        }
+        stats = self.rollout_stats(s, cat["logp"], adv["kl_sum"], adv["reward_sum"], beta)
         if cfg.adaptive_kl:
             kl = stats["objective/kl"]
             self.beta = float(adaptive_kl_update(beta, kl, cfg.kl_target, cfg.kl_horizon, cfg.rollout_batch_size))
         self.iteration = it + 1
         samples = []
         if cfg.sample_every and (it == 0 or (it + 1) % cfg.sample_every == 0):
-            samples = self._samples(it, prompts_b, convs_b, responses, lengths, scores, adv["kl_sum"], ended)
+            samples = self._samples(it, s, adv["kl_sum"])
         extra = {"iteration": it + 1, "batch_id": batch_id}
         return Step(Rollout(batch, stats, it), extra, {"samples": samples})
 
-    def _samples(self, it, prompts_b, convs_b, responses, lengths, scores, kl_sum, ended) -> list[dict]:
+    def _samples(self, it: int, s: Sampled, kl_sum) -> list[dict]:
         """The first `num_samples_logged` rollouts as samples.jsonl rows (decoded when there is a tokenizer)."""
         tok = getattr(self.policy, "tokenizer", None)
         rows = []
-        for i in range(min(self.cfg.num_samples_logged, len(prompts_b))):
-            response = responses[i, : lengths[i]].tolist()
-            prompt = prompts_b[i] if convs_b is None else convs_b[i]
+        for i in range(min(self.cfg.num_samples_logged, len(s.prompts))):
+            response = s.responses[i, : s.lengths[i]].tolist()
+            prompt = s.prompts[i] if s.conversations is None else s.conversations[i]
             rows.append({
                 "iteration": it + 1,
-                "prompt": tok.decode(prompt) if tok is not None and convs_b is None else prompt,
+                "prompt": tok.decode(prompt) if tok is not None and s.conversations is None else prompt,
                 "response": tok.decode(response, skip_special_tokens=True) if tok is not None else response,
-                "score": float(scores[i]),
+                "score": float(s.scores[i]),
                 "kl": float(kl_sum[i]),
-                "ended": bool(ended[i]),
-                "length": int(lengths[i]),
+                "ended": bool(s.ended[i]),
+                "length": int(s.lengths[i]),
             })  # fmt: skip
         return rows
 

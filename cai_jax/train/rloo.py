@@ -46,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 from cai_jax.checkpoints.hf import is_complete_export
 from cai_jax.checkpoints.train_state import CheckpointConfig, Checkpointer
 from cai_jax.models import Transformer
-from cai_jax.sampling import STOP_EOS, generate
+from cai_jax.sampling import generate
 from cai_jax.sharding import (
     BATCH_AXES,
     DATA_PARALLEL,
@@ -62,8 +62,8 @@ from cai_jax.text import bucket_length
 from cai_jax.train.fit import Step, default_checkpoints, fit
 from cai_jax.train.logs import JsonlLog, MetricsLogger
 from cai_jax.train.loop import jit_train_step, state_shardings
-from cai_jax.train.pm_reward import PMReward, chunks
-from cai_jax.train.ppo_rollout import PromptStream, RewardFn, Rollout, RolloutSource, _encode_prompts, layout
+from cai_jax.train.pm_reward import PMReward
+from cai_jax.train.ppo_rollout import PromptStream, RewardFn, Rollout, RolloutSource, _encode_prompts
 from cai_jax.train.rloo_steps import RLOOConfig, rloo_forward, rloo_rewards, rloo_update
 from cai_jax.train.sft import export_params
 from cai_jax.train.state import OptimConfig, TrainState, make_optimizer
@@ -153,73 +153,27 @@ class RLOOSource(RolloutSource):
 
     def next(self, state: TrainState, it: int) -> Step:
         """Iteration `it`'s rollout under `state.params`. Raises FloatingPointError on bad rewards."""
-        cfg, policy = self.cfg, self.policy
+        cfg = self.cfg
         rows, batch_id = self.stream.next()
         rows = [i for i in rows for _ in range(cfg.k)]  # each prompt k times in a row: groups of k
-        prompts_b = [self.stream.prompts[i] for i in rows]
-        convs_b = None if self.conversations is None else [self.conversations[i] for i in rows]
-        t0 = time.perf_counter()
-        out = self.sampler(
-            policy,
-            prompts_b,
-            rng=jax.random.fold_in(state.rng, it),
-            params=state.params["policy"],
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            stop_at_eos=True,
-            batch_size=cfg.generation_batch_size or None,
-        )
-        responses, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-        sampler_logp, ended = np.asarray(out.logprobs), out.stop_reason == STOP_EOS
-        t1 = time.perf_counter()
-
-        tokens, mask, resp_mask = layout(prompts_b, responses, lengths, self.width, self.pad)
-        if isinstance(self.reward_fn, PMReward):
-            scores = self.reward_fn(convs_b, prompts_b, responses, lengths, ended)
-        else:
-            scores = self.reward_fn(prompts_b, responses, lengths)
-        scores = np.asarray(scores, np.float32).reshape(-1)
-        if scores.shape != (len(prompts_b),) or not np.all(np.isfinite(scores)):
-            raise FloatingPointError(
-                f"non-finite or malformed rewards at iteration {it + 1} (batch {batch_id}; got {scores.tolist()}); "
-                "not trained on"
-            )
-        fwd = []
-        for chunk, _ in chunks({"t": tokens, "m": mask, "r": resp_mask}, cfg.micro_batch_size):  # never padded
-            fwd.append(
-                jax.device_get(self.steps.forward(state.params, self.ref_params, chunk["t"], chunk["m"], chunk["r"]))
-            )
-        logp, ref_logp = (np.concatenate([f[k] for f in fwd]) for k in ("logp", "ref_logp"))
-        entropy = sum(float(f["entropy_sum"]) for f in fwd) / max(sum(float(f["tokens"]) for f in fwd), 1.0)
+        s = self.sample_and_score(state, it, rows, batch_id)
+        logp, ref_logp = s.forwards["logp"], s.forwards["ref_logp"]
         beta = self.beta
         rew = jax.device_get(
-            self.steps.rewards(scores, logp, ref_logp, resp_mask, ended, np.float32(beta), *self.score_norm)
+            self.steps.rewards(s.scores, logp, ref_logp, s.resp_mask, s.ended, np.float32(beta), *self.score_norm)
         )
-        t2 = time.perf_counter()
-
         batch = {
-            "tokens": tokens,
-            "mask": mask,
-            "resp_mask": resp_mask,
+            "tokens": s.tokens,
+            "mask": s.mask,
+            "resp_mask": s.resp_mask,
             "old_logp": logp,
             "advantages": rew["advantages"],
         }
-        stats = {
-            "objective/scores": float(np.mean(scores)),
-            "objective/kl": float(np.mean(rew["kl_sum"])),
-            "objective/entropy": entropy,
-            "objective/rlhf_reward": float(np.mean(rew["reward"])),
-            "objective/kl_coef": beta,
-            "rollout/logprob_diff": float(np.max(np.abs(sampler_logp - logp) * resp_mask)),
-            "response/length_mean": float(np.mean(lengths)),
-            "response/no_eos_frac": float(np.mean(~ended)),
-            "time/rollout": t1 - t0,
-            "time/scoring": t2 - t1,
-        }
+        stats = self.rollout_stats(s, logp, rew["kl_sum"], rew["reward"], beta)
         self.iteration = it + 1
         samples = []
         if cfg.sample_every and (it == 0 or (it + 1) % cfg.sample_every == 0):
-            samples = self._samples(it, prompts_b, convs_b, responses, lengths, scores, rew["kl_sum"], ended)
+            samples = self._samples(it, s, rew["kl_sum"])
         return Step(Rollout(batch, stats, it), {"iteration": it + 1, "batch_id": batch_id}, {"samples": samples})
 
 
