@@ -62,13 +62,10 @@ def _trained_adapters(cfg, base, seed=3):
     return jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
 
 
-@pytest.fixture(scope="module")
-def sft_run(cfg, base, tmp_path_factory):
-    """train_sft with LoRA for STEPS steps on one batch of examples seen every step, merged export."""
-    workdir = tmp_path_factory.mktemp("lora_sft")
+def _sft(cfg, base, workdir):
     rng = np.random.default_rng(1)
     examples = [{"input_ids": rng.integers(3, 256, 16).tolist(), "loss_mask": [0] * 4 + [1] * 12} for _ in range(BATCH)]
-    state = train_sft(
+    return train_sft(
         cfg,
         base,
         examples,
@@ -81,6 +78,13 @@ def sft_run(cfg, base, tmp_path_factory):
         peak_flops_per_device=None,
         lora=_lora(),
     )
+
+
+@pytest.fixture(scope="module")
+def sft_run(cfg, base, tmp_path_factory):
+    """train_sft with LoRA for STEPS steps on one batch of examples seen every step, merged export."""
+    workdir = tmp_path_factory.mktemp("lora_sft")
+    state = _sft(cfg, base, workdir)
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return jax.device_get(state), rows, workdir
 
@@ -98,6 +102,13 @@ def test_sft_lora_trains_adapters_only(sft_run, base):
     # no optimizer state for the base: Adam's moments hold the adapters' leaves only
     moments = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0]
     assert sum(x.size for x in moments) == 2 * L.num_lora_params(state.params["lora"])
+
+
+def test_sft_lora_checkpoint_restores(sft_run, cfg, base):
+    """Called again, train_sft restores the {base, lora} state from its last checkpoint."""
+    state, _, workdir = sft_run
+    again = jax.device_get(_sft(cfg, base, workdir))
+    assert int(again.step) == STEPS and _leaves_equal(again.params, state.params)
 
 
 # ---- (2) merged export == adapted forward
