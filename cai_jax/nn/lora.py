@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 __all__ = [
+    "ATTENTION_AND_MLP",
     "LoRAConfig",
     "LoRAModel",
     "apply_lora",
