@@ -18,6 +18,7 @@ shared with the PM and PPO trainers.
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ import numpy as np
 
 from cai_jax.checkpoints.train_state import CheckpointConfig
 from cai_jax.models import ModelConfig, Transformer
+from cai_jax.nn.lora import LoRAConfig, LoRAModel, init_lora, logical_specs, merge_lora
 from cai_jax.sharding import DEFAULT_RULES, Rules
 from cai_jax.train.fit import fit_batches
 from cai_jax.train.flops import model_flops_per_token
@@ -201,6 +203,7 @@ def train_sft(
     tokenizer: Any = None,
     packing: bool = False,
     peak_flops_per_device: float | str | None = "auto",
+    lora: LoRAConfig | None = None,
 ) -> TrainState:
     """Fine-tunes `model` on `examples` for `num_steps` steps (total, counting resumed ones).
 
@@ -224,6 +227,10 @@ def train_sft(
         `train.flops.PEAK_FLOPS` (no MFU on CPU or unknown devices), a number is used as the
         per-device peak FLOP/s, None reports no MFU. Model FLOPs per token are
         `model_flops_per_token(cfg, seq_len)` (6N + attention, N including the logits matmul).
+      lora: train LoRA adapters only (`nn.lora`): the model becomes `LoRAModel(model, lora)`,
+        `params` its frozen base (adapters drawn with `fold_in(key(seed), 1)`), the state's params
+        {"base", "lora"} with the base frozen (bit-identical after training, no optimizer state),
+        and `export_dir` gets the merged model.
 
     Returns:
       The final train state (sharded on the mesh). If a checkpoint at or beyond `num_steps` exists,
@@ -234,6 +241,9 @@ def train_sft(
         latest checkpoint is the last one saved before that step.
     """
     module = _as_model(model)
+    if lora is not None:
+        params, optim_cfg = _lora_setup(module, params, optim_cfg, lora, seed)
+        module = LoRAModel(module, lora)
     batcher = SFTBatcher(examples, batch_size=batch_size, seq_len=seq_len, seed=seed, pad_id=pad_id, packing=packing)
     cfg = getattr(module, "cfg", None)
     state, _ = fit_batches(
@@ -255,8 +265,19 @@ def train_sft(
         name="SFT",
     )
     if export_dir is not None:
-        export_params(state.params, module.cfg, export_dir, tokenizer)
+        final = state.params if lora is None else merge_lora(state.params["base"], state.params["lora"], lora)
+        export_params(final, module.cfg, export_dir, tokenizer)
     return state
+
+
+def _lora_setup(module: nn.Module, base: Any, optim_cfg, lora: LoRAConfig, seed: int):
+    """({"base", "lora"} params (None stays None: a fresh init), the optimizer config with the base frozen)."""
+    ocfg = optim_cfg if isinstance(optim_cfg, OptimConfig) else OptimConfig.from_config(optim_cfg)
+    ocfg = dataclasses.replace(ocfg, frozen=ocfg.frozen + (LoRAModel.FROZEN,))
+    if base is None:
+        return None, ocfg
+    adapters = init_lora(base, logical_specs(module), lora, jax.random.fold_in(jax.random.key(seed), 1))
+    return {"base": base, "lora": adapters}, ocfg
 
 
 def export_params(params: Any, cfg: ModelConfig, folder: str | os.PathLike, tokenizer: Any = None) -> None:
