@@ -18,7 +18,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from cai_jax import sharding as sh
-from cai_jax.checkpoints import hf
+from cai_jax.checkpoints import hf, peft
 from cai_jax.models import Transformer, init_params, load_pretrained, tiny_config
 from cai_jax.nn import lora as L
 from cai_jax.train.sft import train_sft
@@ -129,7 +129,7 @@ def test_merged_export_matches_adapted_forward(sft_run, cfg, tokens):
 def test_save_merged_checkpoint(cfg, base, tokens, tmp_path):
     adapters = _trained_adapters(cfg, base)
     model = Transformer(cfg)
-    hf.save_merged_checkpoint(tmp_path, cfg, base, adapters, _lora())
+    peft.save_merged_checkpoint(tmp_path, cfg, base, adapters, _lora())
     loaded = load_pretrained(tmp_path, with_tokenizer=False)
     want = model.apply({"params": L.apply_lora(base, adapters, _lora())}, tokens)
     assert float(jnp.max(jnp.abs(loaded.apply(tokens) - want))) <= TOL
@@ -252,7 +252,7 @@ def test_config_errors(kwargs, match):
 
 def test_peft_files_names_shapes_and_round_trip(cfg, base, tmp_path):
     adapters = _trained_adapters(cfg, base)
-    hf.save_peft_adapters(tmp_path, cfg, adapters, _lora(), base_model_name_or_path="tiny")
+    peft.save_peft_adapters(tmp_path, cfg, adapters, _lora(), base_model_name_or_path="tiny")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 8.0, 0.0)
@@ -273,7 +273,7 @@ def test_peft_files_names_shapes_and_round_trip(cfg, base, tmp_path):
         a, b = tensors[pre + name + ".lora_A.weight"], tensors[pre + name + ".lora_B.weight"]
         hf_name = f"model.layers.1.{name}.weight"
         np.testing.assert_allclose(plain[hf_name] + 2.0 * b @ a, merged[hf_name], atol=1e-6)
-    back, lora_back = hf.load_peft_adapters(tmp_path, cfg)
+    back, lora_back = peft.load_peft_adapters(tmp_path, cfg)
     assert _leaves_equal(back, jax.device_get(adapters))
     assert (lora_back.rank, lora_back.alpha, lora_back.dropout) == (4, 8.0, 0.0)
     assert L.lora_targets(base, lora_back) == L.lora_targets(base, _lora())
@@ -283,10 +283,10 @@ def test_peft_files_names_shapes_and_round_trip(cfg, base, tmp_path):
 def test_peft_partial_selection_writes_a_module_regex(cfg, base, tmp_path):
     lora = _lora(targets=(r"layers_1/self_attn/v_proj/kernel$",))
     adapters = L.init_lora(base, L.logical_specs(Transformer(cfg)), lora, jax.random.key(0))
-    hf.save_peft_adapters(tmp_path, cfg, adapters, lora)
+    peft.save_peft_adapters(tmp_path, cfg, adapters, lora)
     target = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
     assert target == r"(model\.layers\.1\.self_attn\.v_proj)"
-    back, _ = hf.load_peft_adapters(tmp_path, cfg)
+    back, _ = peft.load_peft_adapters(tmp_path, cfg)
     assert _leaves_equal(back, jax.device_get(adapters))
 
 

@@ -12,7 +12,7 @@ tree holding W' for every targeted kernel (and the base leaf itself everywhere e
   `base` alone (adapters off), the policy is `apply_lora(base, adapters, cfg)`;
 * at init B = 0, so the adapted model equals the base exactly;
 * export merges: `merge_lora` gives plain params for the usual HF export, and
-  `checkpoints.hf.save_peft_adapters` writes the adapters alone in PEFT's layout.
+  `checkpoints.peft.save_peft_adapters` writes the adapters alone in PEFT's layout.
 
 Kernels keep this codebase's layout ([in, out], attention split per head: q/k/v [E, H, D], o
 [H, D, E]); an adapter splits its kernel's dimensions into the contracted (input) ones and the
