@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import math
+import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +16,7 @@ import pytest
 
 from cai_jax.rl_losses import ipo_loss, preference_log_ratio, soft_dpo_loss
 
+ROOT = Path(__file__).resolve().parents[1]
 # Set once: float32 arithmetic against float64 closed forms.
 F32_RTOL, F32_ATOL = 1e-5, 1e-6
 
@@ -126,3 +132,158 @@ def test_an_even_label_is_minimised_at_zero_margin():
     assert float(grid[int(jnp.argmin(loss))]) == pytest.approx(0.0, abs=1e-6)
     np.testing.assert_allclose(float(loss.min()), math.log(2.0), rtol=F32_RTOL)
     assert float(_grad(soft_dpo_loss, np.zeros(1, np.float32), np.full(1, 0.5, np.float32))[0]) == 0.0
+
+
+# ---------------------------------------------------------------- the trainer, on a tiny random model
+
+SEQ_LEN, BATCH = 64, 4
+TINY_CHAT = ROOT / "tests" / "testdata" / "tiny-chat"
+TIMINGS = ("time/", "tokens_per_s", "mfu")
+
+
+@functools.cache
+def _tokenizer():
+    from cai_jax.models import load_tokenizer
+
+    return load_tokenizer(str(TINY_CHAT))
+
+
+@functools.cache
+def _cfg():
+    from cai_jax.models import ModelConfig
+
+    return ModelConfig.from_hf_file(TINY_CHAT / "config.json")
+
+
+def _lm(seed: int = 0):
+    from cai_jax.models import Transformer
+    from tests.conftest import _random_params
+
+    return types.SimpleNamespace(
+        model=Transformer(_cfg()), params=_random_params(_cfg(), seed), tokenizer=_tokenizer(), config=_cfg()
+    )
+
+
+def _pm(seed: int = 2):
+    from cai_jax.models import ScalarModel
+    from tests.conftest import _random_params
+
+    head = {"kernel": 0.1 * jax.random.normal(jax.random.key(seed), (_cfg().hidden_size, 1)), "bias": jnp.zeros((1,))}
+    return types.SimpleNamespace(
+        model=ScalarModel(_cfg()), params={"backbone": _random_params(_cfg(), seed), "head": head},
+        tokenizer=_tokenizer(), config=_cfg(), reward_mean=0.1, reward_std=0.5, rendering="chat", seq_len=SEQ_LEN,
+    )  # fmt: skip
+
+
+def _comparisons(n: int, p_a: float = 1.0, seed: int = 0) -> list[dict]:
+    """Response A always carries the marker "!", B never does; otherwise random lowercase words."""
+    rng = np.random.default_rng(seed)
+    word = lambda: "".join(rng.choice(list("abcdefgh"), int(rng.integers(2, 5))))  # noqa: E731
+    return [
+        {"prompt": f"q{i} {word()}?", "response_a": f"{word()}!", "response_b": word(), "p_a": p_a} for i in range(n)
+    ]
+
+
+def _train(workdir, num_steps, comparisons, *, loss="dpo", beta=0.5, lr=1e-3, save_every=None, **kw):
+    from cai_jax.checkpoints.train_state import CheckpointConfig
+    from cai_jax.train.dpo import DPOConfig, train_dpo
+    from tests.defaults import optim_config
+
+    policy = _lm()
+    ckpt = CheckpointConfig(directory=str(workdir / "ckpt"), save_every_steps=save_every or num_steps, keep_last=None)
+    return train_dpo(
+        policy, policy, comparisons, dpo_cfg=DPOConfig(loss=loss, beta=beta),
+        optim_cfg=optim_config(lr=lr, schedule="constant", updates=num_steps), ckpt_cfg=ckpt, mesh_cfg=None,
+        num_steps=num_steps, batch_size=BATCH, seq_len=SEQ_LEN, seed=0, workdir=workdir, rendering="chat", **kw,
+    )  # fmt: skip
+
+
+def _rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _untimed(path) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith(TIMINGS)} for r in _rows(path)]
+
+
+def test_config_is_strict_and_has_no_defaults():
+    from cai_jax.train.dpo import DPOConfig
+
+    assert DPOConfig.from_config({"loss": "ipo", "beta": 0.1}) == DPOConfig("ipo", 0.1)
+    with pytest.raises(ValueError, match=r"unknown field\(s\) 'lr'.*missing field\(s\) 'beta'"):
+        DPOConfig.from_config({"loss": "dpo", "lr": 1.0})
+    with pytest.raises(ValueError, match="loss='kto'"):
+        DPOConfig("kto", 0.1)
+    with pytest.raises(ValueError, match="beta=0"):
+        DPOConfig("dpo", 0.0)
+    for f in dataclasses.fields(DPOConfig):
+        assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, f.name
+
+
+def test_pairs_are_encoded_as_sft_examples_and_cut_like_pm_pairs():
+    from cai_jax.cai.sft_data import tokenize_pair
+    from cai_jax.train.dpo import tokenize_dpo_pair
+    from cai_jax.train.pm_data import tokenize_comparison
+
+    tok, row = _tokenizer(), _comparisons(1)[0]
+    pair, cut = tokenize_dpo_pair(tok, row, seq_len=SEQ_LEN, rendering="chat")
+    assert cut == 0 and pair["p_a"] == 1.0
+    pm_pair, _ = tokenize_comparison(tok, row, seq_len=SEQ_LEN, rendering="chat")
+    for side in ("a", "b"):
+        ids, mask = tokenize_pair(tok, row["prompt"], row[f"response_{side}"], "chat")
+        assert (pair[f"input_ids_{side}"], pair[f"loss_mask_{side}"]) == (ids, mask)
+        assert pair[f"input_ids_{side}"] == pm_pair[f"input_ids_{side}"]
+    short, cut = tokenize_dpo_pair(tok, row, seq_len=12, rendering="chat")  # the prompt loses its start
+    ids, mask = tokenize_pair(tok, row["prompt"], row["response_a"], "chat")
+    assert cut == 1 and short["input_ids_a"] == ids[-12:] and short["loss_mask_a"] == mask[-12:]
+
+
+def test_sequence_logprobs_sum_the_response_tokens_and_start_at_log_two():
+    from cai_jax.scoring import sequence_token_logprobs
+    from cai_jax.text import pad_id
+    from cai_jax.train.dpo import DPOBatcher, DPOConfig, dpo_loss_fn, sequence_logprobs, tokenize_dpo_pair
+
+    lm = _lm()
+    pairs = [tokenize_dpo_pair(lm.tokenizer, r, seq_len=SEQ_LEN, rendering="chat")[0] for r in _comparisons(3)]
+    batch, _ = DPOBatcher(pairs, batch_size=3, seq_len=SEQ_LEN, seed=0, pad_id=pad_id(lm.tokenizer)).next()
+    got = sequence_logprobs(lm.params, batch["tokens_a"], batch["mask_a"], batch["loss_mask_a"], model=lm.model)
+    per_token = sequence_token_logprobs(lm.params, batch["tokens_a"], batch["mask_a"].astype(bool), cfg=lm.config)
+    want = np.sum(np.asarray(per_token) * batch["loss_mask_a"][:, 1:], axis=1)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=F32_RTOL, atol=1e-4)
+
+    # The policy is its own reference at the start: d = 0, so soft DPO's loss is log 2 whatever p.
+    b = batch["tokens_b"]
+    ref_b = sequence_logprobs(lm.params, b, batch["mask_b"], batch["loss_mask_b"], model=lm.model)
+    full = {**batch, "p": np.array([1.0, 0.9, 0.3], np.float32), "ref_logp_a": got, "ref_logp_b": ref_b}
+    loss, metrics = dpo_loss_fn(lm.params, full, model=lm.model, cfg=DPOConfig("dpo", 0.5))
+    assert float(loss) == pytest.approx(math.log(2.0), rel=F32_RTOL)
+    assert float(metrics["log_ratio"]) == pytest.approx(0.0, abs=1e-5)
+    assert float(metrics["accuracy"]) == 0.5 and float(metrics["margin"]) == pytest.approx(0.0, abs=1e-5)
+
+
+# (loss, p_a, beta, lr): where the margin d should settle is logit(p) / beta (DPO) or (p - 1/2) / beta
+# (IPO); a hard label has no finite optimum. IPO's squared loss takes a smaller step to stay stable.
+LEARNING = [("dpo", 1.0, 0.5, 3e-3), ("dpo", 0.9, 0.5, 3e-3), ("ipo", 0.9, 0.1, 3e-4)]
+
+
+@pytest.mark.parametrize("loss, p_a, beta, lr", LEARNING)
+def test_the_policy_learns_to_prefer_the_marked_response(tmp_path, loss, p_a, beta, lr):
+    """A few dozen steps raise log pi(a) - log pi(b) against the reference and lower the loss."""
+    steps = 24
+    _train(tmp_path, steps, _comparisons(16, p_a=p_a), loss=loss, beta=beta, lr=lr)
+    rows = _rows(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    # The policy starts as its own reference: d = 0.
+    assert rows[0]["log_ratio"] == pytest.approx(0.0, abs=1e-4)
+    start = math.log(2.0) if loss == "dpo" else ((p_a - 0.5) / beta) ** 2
+    assert rows[0]["loss"] == pytest.approx(start, rel=1e-4)
+    last = rows[-8:]
+    mean = lambda k: sum(r[k] for r in last) / len(last)  # noqa: E731
+    trace = [(round(r["loss"], 3), round(r["log_ratio"], 2)) for r in rows]
+    assert mean("log_ratio") > 2.0 and mean("loss") < 0.6 * start, trace
+    if p_a < 1:  # a soft label is met, not overshot
+        optimum = math.log(p_a / (1 - p_a)) / beta if loss == "dpo" else (p_a - 0.5) / beta
+        assert abs(mean("log_ratio") - optimum) < 1.5, (optimum, trace)
+    assert mean("accuracy") >= 0.75 and mean("margin") > 0.5 * beta
+    assert mean("rewards/chosen") > mean("rewards/rejected")
+    assert all(r["grad_norm"] > 0 and r["lr"] == pytest.approx(lr) and r["tokens_in_batch"] > 0 for r in rows)
