@@ -165,12 +165,13 @@ def _lm(seed: int = 0):
 
 
 def _pm(seed: int = 2):
+    """A PM on the policy's own random backbone (its params are already made) with a random head."""
     from cai_jax.models import ScalarModel
     from tests.conftest import _random_params
 
     head = {"kernel": 0.1 * jax.random.normal(jax.random.key(seed), (_cfg().hidden_size, 1)), "bias": jnp.zeros((1,))}
     return types.SimpleNamespace(
-        model=ScalarModel(_cfg()), params={"backbone": _random_params(_cfg(), seed), "head": head},
+        model=ScalarModel(_cfg()), params={"backbone": _random_params(_cfg(), 0), "head": head},
         tokenizer=_tokenizer(), config=_cfg(), reward_mean=0.1, reward_std=0.5, rendering="chat", seq_len=SEQ_LEN,
     )  # fmt: skip
 
@@ -287,3 +288,51 @@ def test_the_policy_learns_to_prefer_the_marked_response(tmp_path, loss, p_a, be
     assert mean("accuracy") >= 0.75 and mean("margin") > 0.5 * beta
     assert mean("rewards/chosen") > mean("rewards/rejected")
     assert all(r["grad_norm"] > 0 and r["lr"] == pytest.approx(lr) and r["tokens_in_batch"] > 0 for r in rows)
+
+
+def _eval_kw(workdir, every=2):
+    from tests.defaults import ppo_config
+
+    rollout = ppo_config(max_new_tokens=8, micro_batch_size=4, generation_batch_size=0, num_samples_logged=2)
+    snapshots = {k: str(workdir / "snapshots" / f"step_{k}") for k in (2, 4)}
+    prompts = [f"question {i}?" for i in range(6)]
+    return dict(eval_prompts=prompts, pm=_pm(), rollout_cfg=rollout, eval_every=every, export_at=snapshots)
+
+
+def test_resume_is_exact_with_evaluation_and_snapshots(tmp_path):
+    """Stopped at step 2 and rerun to 4: the files equal an uninterrupted run's, snapshots included."""
+    from cai_jax.checkpoints.hf import is_complete_export
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    rows = _comparisons(8)
+    _train(a, 4, rows, save_every=2, **_eval_kw(a))
+    _train(b, 2, rows, save_every=2, **{**_eval_kw(b), "export_at": {2: str(b / "snapshots" / "step_2")}})
+    assert [r["step"] for r in _rows(b / "metrics.jsonl")] == [1, 2]
+    _train(b, 4, rows, save_every=2, **_eval_kw(b))
+
+    got, want = _untimed(b / "metrics.jsonl"), _untimed(a / "metrics.jsonl")
+    assert got == want and [r["step"] for r in want] == [1, 2, 3, 4]
+    assert [r["batch_id"] for r in want] == ["epoch 0 index 0", "epoch 0 index 4", "epoch 1 index 0", "epoch 1 index 4"]
+    # PPO's names on rows 1 and 3 (eval_every = 2): the policy before steps 1 and 3.
+    for r in want:
+        assert all((k in r) == (r["step"] in (1, 3)) for k in EVAL_KEYS), r
+    assert want[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # the untrained policy is the reference
+    assert 0 < want[0]["response/length_mean"] <= 8 and 0 <= want[0]["response/no_eos_frac"] <= 1
+    assert _rows(b / "samples.jsonl") == _rows(a / "samples.jsonl")
+    assert [s["step"] for s in _rows(a / "samples.jsonl")] == [1, 1, 3, 3]
+    final = json.loads((a / "eval.json").read_text())
+    assert final["step"] == 4 and set(EVAL_KEYS) <= set(final) and final == json.loads((b / "eval.json").read_text())
+    for k in (2, 4):
+        assert is_complete_export(a / "snapshots" / f"step_{k}") and is_complete_export(b / "snapshots" / f"step_{k}")
+        for name in ("config.json", "model.safetensors"):
+            assert (a / "snapshots" / f"step_{k}" / name).read_bytes() == (
+                b / "snapshots" / f"step_{k}" / name
+            ).read_bytes()
+
+
+EVAL_KEYS = ("objective/scores", "objective/kl", "objective/entropy", "response/length_mean", "response/no_eos_frac")
+
+
+def test_evaluation_needs_all_its_inputs(tmp_path):
+    with pytest.raises(ValueError, match="eval_prompts, pm, rollout_cfg and eval_every"):
+        _train(tmp_path, 2, _comparisons(8), pm=_pm())

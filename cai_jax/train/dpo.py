@@ -36,7 +36,7 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -54,6 +54,7 @@ from cai_jax.sharding import (
     DEFAULT_RULES,
     Rules,
     batch_sharding,
+    make_mesh,
     param_shardings,
     shard_params,
     with_rules,
@@ -63,7 +64,7 @@ from cai_jax.text import pad_id as tokenizer_pad_id
 from cai_jax.train.fit import BatcherSource, Step, default_checkpoints, fit
 from cai_jax.train.flops import model_flops_per_token, resolve_peak_flops
 from cai_jax.train.logs import JsonlLog, MetricsLogger
-from cai_jax.train.loop import EpochBatcher, init_train_state, jit_train_step
+from cai_jax.train.loop import EpochBatcher, abstract_train_state, jit_train_step
 from cai_jax.train.pm_data import count_pair_tokens, load_comparisons
 from cai_jax.train.pm_report import write_report
 from cai_jax.train.pm_reward import PMReward
@@ -300,17 +301,7 @@ class _Evaluator:
             raise ValueError(f"eval prompts of {width} tokens + max_new_tokens={cfg.max_new_tokens} exceed {context}")
         if pm.reward_mean is None or not pm.reward_std:
             raise ValueError("the PM has no reward statistics (export it with them: train_pm computes them)")
-        forward = jax.jit(
-            functools.partial(
-                rollout_forward,
-                policy_model=Transformer(policy.config),
-                value_model=None,
-                ref_model=Transformer(reference.config),
-                cfg=cfg,
-            )  # fmt: skip
-        )
-
-        steps = _EvalSteps(_jit_in_mesh(forward, mesh, rules), jax.jit(functools.partial(compute_advantages, cfg=cfg)))
+        steps = _eval_steps(policy.config, reference.config, cfg, mesh, rules)
         reward = PMReward(
             pm, policy, rendering=rendering, retokenize=cfg.pm_retokenize, batch_size=micro, mesh=mesh, rules=rules
         )
@@ -357,6 +348,46 @@ class DPOSource:
 
     def restore(self, data_state: Mapping) -> None:
         self.pairs.restore(data_state)
+
+
+class _Steps(NamedTuple):
+    shardings: TrainState  # NamedShardings of the train state
+    ref_shardings: Any
+    create: Callable  # (params, rng) -> TrainState, placed on `shardings`
+    reference: Callable  # (ref_params, batch) -> {"ref_logp_a", "ref_logp_b"}, jitted
+    update: Callable  # dpo_step, jitted with the state donated
+
+
+@functools.lru_cache(maxsize=8)
+def _build(policy_cfg, ref_cfg, cfg: DPOConfig, ocfg: OptimConfig, mesh, rules, batch_size: int, seq_len: int):
+    """Shardings and jitted steps for one setup, cached so repeated runs in a process compile once."""
+    model, ref_model = Transformer(policy_cfg), Transformer(ref_cfg)
+    sample = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+    _, shardings, optimizer = abstract_train_state(model, sample, optim_cfg=ocfg, mesh=mesh, rules=rules)
+    ref_shardings = param_shardings(ref_model, sample, mesh, rules)
+    rows = batch_sharding(mesh)
+    reference = jax.jit(
+        functools.partial(_reference_logprobs, model=ref_model), in_shardings=(ref_shardings, rows), out_shardings=rows
+    )
+    update = functools.partial(dpo_step, model=model, optimizer=optimizer, cfg=cfg)
+    return _Steps(
+        shardings=shardings,
+        ref_shardings=ref_shardings,
+        create=jax.jit(lambda p, rng: TrainState.create(p, optimizer, rng), out_shardings=shardings),
+        reference=_jit_in_mesh(reference, mesh, rules),
+        update=jit_train_step(update, shardings, rows, mesh, rules),
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_steps(policy_cfg, ref_cfg, cfg, mesh, rules) -> _EvalSteps:
+    """PPO's jitted rollout forward (shared backbone, zero value head) and advantages, cached likewise."""
+    forward = functools.partial(
+        rollout_forward, policy_model=Transformer(policy_cfg), value_model=None, ref_model=Transformer(ref_cfg), cfg=cfg
+    )
+    return _EvalSteps(
+        _jit_in_mesh(jax.jit(forward), mesh, rules), jax.jit(functools.partial(compute_advantages, cfg=cfg))
+    )
 
 
 # ---------------------------------------------------------------- the trainer
@@ -441,22 +472,11 @@ def train_dpo(
                     len(pairs), cuts[1], cuts[2], seq_len)  # fmt: skip
     batcher = DPOBatcher(pairs, batch_size=batch_size, seq_len=seq_len, seed=seed, pad_id=tokenizer_pad_id(tokenizer))
 
-    model, ref_model = Transformer(policy.config), Transformer(reference.config)
-    sample = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-    state, shardings, optimizer, mesh = init_train_state(
-        model, _copy(policy.params), sample, optim_cfg=ocfg, mesh_cfg=DATA_PARALLEL if mesh_cfg is None else mesh_cfg, rules=rules,
-        seed=seed,
-    )  # fmt: skip
-    ref_shardings = param_shardings(ref_model, sample, mesh, rules)
-    ref_params = shard_params(reference.params, ref_shardings)  # read only: never donated, never trained
-    rows = batch_sharding(mesh)
-    ref_fn = _jit_in_mesh(
-        jax.jit(functools.partial(_reference_logprobs, model=ref_model), in_shardings=(ref_shardings, rows),
-                out_shardings=rows),
-        mesh, rules,
-    )  # fmt: skip
-    step = jit_train_step(functools.partial(dpo_step, model=model, optimizer=optimizer, cfg=cfg), shardings, rows,
-                          mesh, rules)  # fmt: skip
+    mesh = make_mesh(DATA_PARALLEL if mesh_cfg is None else mesh_cfg)
+    rules = tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in rules)  # hashable for _build
+    steps = _build(policy.config, reference.config, cfg, ocfg, mesh, rules, batch_size, seq_len)
+    state = steps.create(shard_params(_copy(policy.params), steps.shardings.params), jax.random.key(seed))
+    ref_params = shard_params(reference.params, steps.ref_shardings)  # read only: never donated, never trained
     evaluate = None
     if all(evaluating):
         evaluate = _Evaluator(
@@ -464,7 +484,11 @@ def train_dpo(
             rules=rules, seed=seed,
         )  # fmt: skip
     source = DPOSource(
-        BatcherSource(batcher, mesh, count_pair_tokens), ref_fn, ref_params, evaluate=evaluate, eval_every=eval_every
+        BatcherSource(batcher, mesh, count_pair_tokens),
+        steps.reference,
+        ref_params,
+        evaluate=evaluate,
+        eval_every=eval_every,
     )
 
     def export(state: TrainState, folder: str | os.PathLike) -> None:
@@ -480,7 +504,7 @@ def train_dpo(
     ckpt = Checkpointer(ckpt_cfg or default_checkpoints(workdir, num_steps))
     try:
         state = fit(
-            source, step, state, ckpt=ckpt, logger=logger, num_steps=num_steps, export_at=export_at, export=export,
+            source, steps.update, state, ckpt=ckpt, logger=logger, num_steps=num_steps, export_at=export_at, export=export,
             export_done=is_complete_export, name="DPO",
         )  # fmt: skip
     finally:
