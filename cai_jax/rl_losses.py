@@ -307,3 +307,92 @@ def adaptive_kl_update(beta, current_kl, target_kl, horizon, n_steps):
     """
     error = jnp.clip(as_f32(current_kl) / target_kl - 1.0, -0.2, 0.2)
     return as_f32(beta) * (1.0 + error * n_steps / horizon)
+
+
+# ---------------------------------------------------------------- Preference optimisation (DPO / IPO)
+#
+# Offline RL-CAI: the policy is trained on the feedback stage's comparisons directly, with no PM
+# and no sampling. Both losses read the policy's preference through one number per pair, the
+# log-ratio margin d (`preference_log_ratio`), and the AI label p = P(A preferred) as a target.
+# Per example ([B] in, [B] out), no masks or weights: the trainer averages.
+
+__all__ += ["preference_log_ratio", "preference_stats", "soft_dpo_loss", "ipo_loss"]
+
+
+def preference_log_ratio(
+    logp_a_B: jax.Array, logp_b_B: jax.Array, ref_logp_a_B: jax.Array, ref_logp_b_B: jax.Array
+) -> jax.Array:
+    """d = (log pi(a) - log ref(a)) - (log pi(b) - log ref(b)), float32 [B].
+
+    Args:
+      logp_a_B, logp_b_B: [B] sequence log-probs of responses A and B under the policy (sums over
+        each response's tokens).
+      ref_logp_a_B, ref_logp_b_B: [B] the same under the frozen reference.
+    """
+    return (as_f32(logp_a_B) - as_f32(ref_logp_a_B)) - (as_f32(logp_b_B) - as_f32(ref_logp_b_B))
+
+
+def preference_stats(d_B: jax.Array, p_B: jax.Array, beta) -> dict[str, jax.Array]:
+    """Per-example diagnostics of a margin d against a target p (no gradient flows through them).
+
+    "margin" is beta * d, the difference of the implied rewards beta * log(pi / ref) of A and B
+    (Rafailov et al. 2023). "accuracy" is 1 where sign(d) agrees with sign(p - 1/2), 0
+    where they disagree and 1/2 where either is 0, the convention of `losses.pm_loss`.
+
+    Returns:
+      {"margin" [B], "accuracy" [B]}, float32.
+    """
+    d_B, p_B = jax.lax.stop_gradient(as_f32(d_B)), as_f32(p_B)
+    return {"margin": beta * d_B, "accuracy": 0.5 * (1.0 + jnp.sign(d_B) * jnp.sign(p_B - 0.5))}
+
+
+def soft_dpo_loss(d_B: jax.Array, p_B: jax.Array, beta) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """DPO against a soft target: loss = -[p log sigmoid(beta d) + (1 - p) log sigmoid(-beta d)].
+
+    The binary cross-entropy of the Bradley-Terry probability sigmoid(beta d) that the policy's
+    implied rewards give A over B, against the AI label p. With p = 1 it is the DPO loss
+    -log sigmoid(beta d) of Rafailov et al. 2023 (eq. 7); a constant p = 1 - eps is DPO with label
+    smoothing eps ("conservative DPO", Mitchell 2023), and a per-example p generalises that to the
+    feedback model's own confidence, as the PM's loss (`losses.pm_loss`) does for the PM. Since
+    the loss is linear in p it equals E_{label ~ Bernoulli(p)} of the hard-label loss.
+
+    d loss / d d = beta (sigmoid(beta d) - p): zero at d = logit(p) / beta, so a soft label has a
+    finite optimum (p = 1/2 at d = 0), while p in {0, 1} keeps pushing d to +-inf. log_sigmoid
+    keeps large |beta d| finite.
+
+    Args:
+      d_B: [B] log-ratio margins (`preference_log_ratio`).
+      p_B: [B] targets in [0, 1], the probability that A is preferred.
+      beta: the KL-regularisation strength (inverse temperature of the implied reward).
+
+    Returns:
+      (loss [B] float32, `preference_stats`).
+    """
+    d_B, p_B = as_f32(d_B), as_f32(p_B)
+    z_B = beta * d_B
+    loss_B = -(p_B * jax.nn.log_sigmoid(z_B) + (1.0 - p_B) * jax.nn.log_sigmoid(-z_B))
+    return loss_B, preference_stats(d_B, p_B, beta)
+
+
+def ipo_loss(d_B: jax.Array, p_B: jax.Array, beta) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """IPO against a soft target: loss = (d - (p - 1/2) / beta)^2.
+
+    Azar et al. 2023 ("A General Theoretical Paradigm to Understand Learning from Human
+    Preferences") regress d onto a finite target instead of pushing a sigmoid to 0 or 1; their
+    empirical IPO loss for a (winner, loser) pair is (d - 1/(2 tau))^2. This is that loss with
+    tau = beta and the soft target (p - 1/2) / beta, which for p = 1 is their 1 / (2 beta). It is
+    the hard-label loss averaged over label ~ Bernoulli(p), up to a constant:
+    p (d - c)^2 + (1 - p) (-d - c)^2 = (d - (2p - 1) c)^2 + 4 p (1 - p) c^2 with c = 1 / (2 beta).
+    d loss / d d = 2 (d - (p - 1/2) / beta), zero at the target; p = 1/2 asks for d = 0.
+
+    Args:
+      d_B: [B] log-ratio margins (`preference_log_ratio`).
+      p_B: [B] targets in [0, 1], the probability that A is preferred.
+      beta: the regularisation strength (> 0; IPO's tau).
+
+    Returns:
+      (loss [B] float32, `preference_stats`).
+    """
+    d_B, p_B = as_f32(d_B), as_f32(p_B)
+    loss_B = jnp.square(d_B - (p_B - 0.5) / beta)
+    return loss_B, preference_stats(d_B, p_B, beta)
