@@ -187,6 +187,42 @@ def get_config(arg=None):
         optim=optim(1e-6, warmup=0),  # one optimizer for policy and value; a step = one minibatch
     )
 
+    # ---------------------------------------------------------------- 5. the RL-CAI objective
+    # The ppo stage optimises the SL-CAI policy with one of: ppo (section ppo above), rloo (k samples
+    # per prompt, leave-one-out REINFORCE against the PM, no value model; section rloo) or dpo / ipo
+    # (soft-label DPO / IPO on the feedback stage's comparisons, no PM in the loss; section dpo).
+    # configs/ablate_rl.py runs all four from one SL-CAI model.
+    c.rl = dict(algorithm="ppo")  # ppo | rloo | dpo | ipo
+    c.rloo = dict(  # fields of cai_jax.train.rloo_steps.RLOOConfig, plus num_iterations and optim
+        num_iterations=20,  # iterations (rollout batch + updates)
+        rollout_batch_size=8,  # prompts per iteration
+        k=4,  # samples per prompt (>= 2): each one's baseline is the mean reward of the other k - 1
+        minibatch_size=32,  # rows (prompts x k) per update; = rollout_batch_size * k: one on-policy update
+        micro_batch_size=4,  # rows per forward/backward pass
+        epochs=1,  # passes over each rollout; > 1 reuses it off-policy (no clipping)
+        max_new_tokens=64,  # as ppo
+        temperature=1.0,
+        generation_batch_size=0,  # rows per sampler call, a multiple of k; 0 = the whole batch
+        kl_coef=0.05,  # beta, as ppo: reward units per nat
+        kl_estimator="k1",
+        missing_eos_penalty=1.0,
+        pm_retokenize=True,
+        sample_every=5,
+        num_samples_logged=4,
+        optim=optim(1e-6, warmup=0),
+    )
+    c.dpo = dict(  # dpo and ipo
+        # beta: implied reward per nat of log(pi / ref). DPO: the soft target's temperature; IPO:
+        # the target margin is (p - 1/2) / beta (Azar et al. 2023, tau = beta).
+        beta=0.1,
+        num_steps=100,  # optimizer updates
+        batch_size=8,  # comparisons per update
+        seq_len=320,  # tokens per (prompt, response) side, the prompt cut from the left (as pm.seq_len)
+        helpful_fraction=0.4,  # share of helpfulness comparisons in the mix (as pm.helpful_fraction)
+        eval_every=10,  # steps between PM-scored samples (ppo's sampling settings, ppo's metric names)
+        optim=optim(1e-6, warmup=10),
+    )
+
     # ---------------------------------------------------------------- 6. eval, figures, report
     c.eval = dict(
         # PM that scores responses in evals and figures: "" = this run's pm stage; or a pm/export

@@ -45,5 +45,19 @@ def get_config(arg=None):
         sample_every=2,
         optim=base.optim(2e-6),
     )
+    # The other RL-CAI objectives (rl.algorithm; configs/ablate_rl.py) on the same budget of samples:
+    # RLOO 4 prompts x k = 2 per iteration; DPO / IPO one update per PPO iteration's worth of pairs.
+    c.rloo.update(
+        num_iterations=6,
+        rollout_batch_size=4,
+        k=2,
+        minibatch_size=8,
+        micro_batch_size=4,
+        max_new_tokens=128,
+        temperature=0.8,
+        sample_every=2,
+        optim=base.optim(2e-6),
+    )
+    c.dpo.update(num_steps=12, batch_size=4, seq_len=256, eval_every=4, optim=base.optim(2e-6))
     c.eval.update(num_prompts=8, max_new_tokens=48, temperature=0.7, elo_snapshots=(0, 3, -1), n_bootstrap=100)
     return c

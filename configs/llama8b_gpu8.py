@@ -38,5 +38,16 @@ def get_config(arg=None):
         generation_batch_size=128,
         optim=base.optim(1e-6, warmup=20),
     )
+    c.rloo.update(
+        num_iterations=500,
+        rollout_batch_size=64,
+        k=4,
+        minibatch_size=256,
+        micro_batch_size=8,
+        max_new_tokens=256,
+        generation_batch_size=128,
+        optim=base.optim(1e-6, warmup=20),
+    )
+    c.dpo.update(num_steps=2000, batch_size=64, seq_len=1024, eval_every=100, optim=base.optim(5e-7, warmup=100))
     c.eval.update(num_prompts=256, max_new_tokens=256, elo_snapshots=(0, 100, 250, -1), n_bootstrap=1000)
     return c

@@ -32,6 +32,17 @@ def get_config(arg=None):
         sample_every=1,
         optim=base.optim(1e-4),
     )
+    c.rloo.update(
+        num_iterations=3,
+        rollout_batch_size=2,
+        k=2,
+        minibatch_size=4,
+        micro_batch_size=2,
+        max_new_tokens=8,
+        sample_every=1,
+        optim=base.optim(1e-4),
+    )
+    c.dpo.update(num_steps=3, batch_size=2, seq_len=96, eval_every=1, optim=base.optim(1e-4))
     c.eval.update(num_prompts=2, max_new_tokens=8, n_bootstrap=20, elo_snapshots=(0, 1, -1))
     c.log.tensorboard = False
     return c

@@ -25,6 +25,7 @@ __all__ = [
     "fig_principles",
     "fig_revisions",
     "fig_rl_training",
+    "fig_rl_objectives",
 ]
 
 _DPI = 120
@@ -312,4 +313,35 @@ def fig_calibration(bins, path, label: str = "PM", *, title: str = "Calibration"
     top.grid(alpha=0.3)
     _note(top, notes)
     bottom.set(xlabel="Predicted probability", ylabel="Count")
+    return _save(fig, path)
+
+
+def fig_rl_objectives(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], path, *, ylabel="PM score (raw)"):
+    """Fig. 8 per objective: the PM score of each RL-CAI objective's policy over its training.
+
+    Args:
+      curves: {objective: (steps, scores)}: PPO / RLOO iterations or DPO / IPO steps and the mean
+        PM score of the samples at each (each objective's own metrics.jsonl rows).
+      path: the .png to write.
+      ylabel: the y-axis label.
+
+    The x-axis is the fraction of each run's steps done, so runs of different lengths (PPO
+    iterations, DPO updates) share it.
+    """
+    path = _png_path(path)
+    xs, ys = {}, {}
+    for name, pair in _mapping("curves", curves).items():
+        if not isinstance(pair, Sequence) or len(pair) != 2:
+            raise ValueError(f"curves[{name!r}] must be a pair (steps, scores)")
+        steps, scores = _values(f"curves[{name!r}][0]", pair[0]), _values(f"curves[{name!r}][1]", pair[1])
+        if steps.size != scores.size:
+            raise ValueError(f"curves[{name!r}] has {steps.size} steps and {scores.size} scores")
+        xs[name] = steps / max(float(np.nanmax(steps)), 1.0) if steps.size else steps
+        ys[name] = scores
+    fig = _figure()
+    ax = fig.add_subplot()
+    notes, _ = _lines(ax, xs, ys) if ys else (["no data"], {})
+    _note(ax, notes)
+    ax.set(xlabel="fraction of training done", ylabel=ylabel, title="RL-CAI objectives")
+    ax.grid(alpha=0.3)
     return _save(fig, path)

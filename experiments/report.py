@@ -179,6 +179,14 @@ def sweep_report(root: Path, runs: list[tuple[str, Any]], kind: str | None) -> P
             made["PM score of rollouts during PPO, by KL coefficient"] = figures.fig_rl_training(
                 steps, series, out / "fig8_kl.png", ylabel="PM score (normalised)"
             )
+    elif kind == "rl":
+        curves = {
+            str(cfg.rl.algorithm): ((c := sums[name].get("ppo_curve") or {}).get("iteration", []), c.get("scores", []))
+            for name, cfg in runs
+        }
+        made["Fig. 8 analogue per RL-CAI objective: PM score of the policy's samples over training"] = (
+            figures.fig_rl_objectives(curves, out / "fig8_objectives.png")
+        )
     table_rows = {}
     for name, _ in runs:
         rec = read_marker(root / name / "pm", "DONE") or {}

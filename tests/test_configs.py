@@ -75,8 +75,9 @@ def _shipped_runs():
 def test_every_schedule_ends_where_its_stage_updates_end():
     """The cosine floor is reached at the stage's last optimizer update, in every shipped run.
 
-    Updates are counted here from what each loop does: SFT / PMP / PM take `num_steps` micro-steps of
-    `grad_accum_steps` each; a PPO iteration makes `ppo_epochs` passes of rollout / minibatch updates.
+    Updates are counted here from what each loop does: SFT / PMP / PM / DPO take `num_steps`
+    micro-steps of `grad_accum_steps` each; a PPO iteration makes `ppo_epochs` passes of rollout /
+    minibatch updates, an RLOO iteration `epochs` passes of rollout_batch_size * k / minibatch rows.
     """
     from experiments.pipeline import stage_configs
 
@@ -86,8 +87,17 @@ def test_every_schedule_ends_where_its_stage_updates_end():
             "sft": c["sft"].sft.optimizer,
             "pmp": c["pm"].pm.pmp.optimizer,
             "pm": c["pm"].pm.optimizer,
-            "ppo": c["ppo"].ppo.optimizer,
+            "ppo": c["ppo"].objective.optimizer,  # the chosen RL objective's (rl.algorithm)
         }[stage]()
+
+    def rl_updates(cfg) -> int:
+        algorithm = cfg.rl.algorithm
+        if algorithm == "ppo":
+            return cfg.ppo.num_iterations * cfg.ppo.ppo_epochs * (cfg.ppo.rollout_batch_size // cfg.ppo.minibatch_size)
+        if algorithm == "rloo":
+            r = cfg.rloo
+            return r.num_iterations * r.epochs * (r.rollout_batch_size * r.k // r.minibatch_size)
+        return cfg.dpo.num_steps // cfg.dpo.optim.grad_accum_steps
 
     checked = 0
     for name, cfg in _shipped_runs():
@@ -95,7 +105,7 @@ def test_every_schedule_ends_where_its_stage_updates_end():
             "sft": cfg.sft.num_steps // cfg.sft.optim.grad_accum_steps,
             "pmp": cfg.pm.pmp.num_steps // cfg.pm.pmp.optim.grad_accum_steps,
             "pm": cfg.pm.num_steps // cfg.pm.optim.grad_accum_steps,
-            "ppo": cfg.ppo.num_iterations * cfg.ppo.ppo_epochs * (cfg.ppo.rollout_batch_size // cfg.ppo.minibatch_size),
+            "ppo": rl_updates(cfg),
         }
         for stage, updates in counts.items():
             ocfg = stage_optim(cfg, stage)

@@ -12,7 +12,9 @@ from cai_jax.cai.feedback_settings import FeedbackSettings
 from cai_jax.cai.revisions import RevisionSettings
 from cai_jax.checkpoints.train_state import CheckpointConfig
 from cai_jax.sharding import MeshConfig
+from cai_jax.train.dpo_steps import DPOConfig
 from cai_jax.train.ppo_steps import PPOConfig
+from cai_jax.train.rloo_steps import RLOOConfig
 from cai_jax.train.state import OptimConfig
 from tests.defaults import base_config
 
@@ -20,6 +22,8 @@ from tests.defaults import base_config
 # keep a default of their own, as long as the section does not name them).
 SETTINGS = {
     PPOConfig: ("ppo", ()),
+    RLOOConfig: ("rloo", ()),
+    DPOConfig: ("dpo", ()),  # its loss is rl.algorithm (dpo | ipo)
     FeedbackSettings: ("feedback", ()),
     OptimConfig: ("sft.optim", ()),
     RevisionSettings: ("revisions", ()),

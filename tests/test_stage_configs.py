@@ -101,6 +101,7 @@ def test_stages_receive_no_config_dict():
         (("eval.elo_snapshots", (0, 1)), {"ppo", "eval"}),  # which PPO policies are exported
         (("feedback.num_prompts", 3), {"feedback", "eval"}),
         (("mesh.data", 2), set()),
+        (("rl.algorithm", "rloo"), {"ppo"}),  # the RL objective: only the stage that trains with it
     ],
 )
 def test_a_changed_field_changes_the_hash_of_exactly_the_stages_that_read_it(override, reruns):
@@ -116,3 +117,20 @@ def test_a_changed_field_changes_the_hash_of_exactly_the_stages_that_read_it(ove
     assert direct - {"report"} == reruns
     assert ("report" in direct) == bool(reruns)  # the report shows the whole config: it reads every hashed field
     assert changed <= downstream | {"report"}
+
+
+def test_only_the_chosen_objectives_section_is_in_the_rl_stages_hash():
+    """The ppo stage reads the section of `rl.algorithm` only (PPO's too for DPO / IPO: the sampling
+    settings of their evaluation rollouts): another objective's settings do not rerun it."""
+    cfg = load_config("configs/tiny.py")
+    for algorithm, unread, read in [
+        ("ppo", [("dpo.beta", 0.5), ("rloo.kl_coef", 0.1)], ("ppo.kl_coef", 0.1)),
+        ("rloo", [("dpo.beta", 0.5), ("ppo.kl_coef", 0.1)], ("rloo.kl_coef", 0.1)),
+        ("dpo", [("rloo.kl_coef", 0.1)], ("dpo.beta", 0.5)),
+        ("ipo", [("rloo.kl_coef", 0.1)], ("ppo.max_new_tokens", 4)),
+    ]:
+        chosen = apply_overrides(cfg, [("rl.algorithm", algorithm)])
+        before = stage_hashes(chosen, REGISTRY)["ppo"]
+        for override in unread:
+            assert stage_hashes(apply_overrides(chosen, [override]), REGISTRY)["ppo"] == before, (algorithm, override)
+        assert stage_hashes(apply_overrides(chosen, [read]), REGISTRY)["ppo"] != before, (algorithm, read)

@@ -81,7 +81,7 @@ def test_sweep_runs_to_its_report(name, baseline, tmp_path):
         assert run in report
         assert (tmp_path / run / "report.md").is_file(), run
     figures = sorted((tmp_path / "figures").glob("*.png"))
-    if getattr(module, "SWEEP_FIGURE", None) in ("principles", "critique", "revisions", "kl"):
+    if getattr(module, "SWEEP_FIGURE", None) in ("principles", "critique", "revisions", "kl", "rl"):
         assert figures, "the sweep's cross-run figure is missing"
     else:  # labels, pmp: a table of the runs
         assert "| " in report.split("Runs of the sweep")[1]

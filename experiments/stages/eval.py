@@ -254,7 +254,8 @@ def ppo_curve(ctx: StageContext) -> dict | None:
     by_step = {}
     for row in read_jsonl(path):
         by_step[int(row["step"])] = row  # a resumed run rewrites the steps it repeats; keep the last
-    steps = sorted(by_step)
+    # DPO / IPO score their policy every dpo.eval_every steps: the curve has those rows.
+    steps = [s for s in sorted(by_step) if "objective/scores" in by_step[s]]
     get = lambda k: [by_step[s].get(k, float("nan")) for s in steps]  # noqa: E731
     return {
         "iteration": steps,
