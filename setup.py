@@ -31,7 +31,7 @@ setup(
     ],
     extras_require={
         # tensorboardX: only so the TensorBoard export is tested (the launcher works without it).
-        "test": ["pytest>=8", "ruff>=0.17,<0.18", "tensorboardX>=2.6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.17,<0.18", "tensorboardX>=2.6"],
         # Exact pin on purpose: any looser spec resolves to a multi-GB CUDA build of torch.
         # accelerate: transformers' own GGUF loader (the reference in scripts/make_goldens.py).
         "bench": ["torch==2.13.0", "accelerate"],

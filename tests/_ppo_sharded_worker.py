@@ -3,7 +3,7 @@
 Run as a script with XLA_FLAGS=--xla_force_host_platform_device_count=8 (the device count is fixed
 when JAX starts, so the pytest process cannot do this itself): `python _ppo_sharded_worker.py OUT`.
 
-`train_ppo` builds its mesh from all devices, so the single-device reference swaps the module's
+`train_ppo` builds its mesh from all devices, so the single-device reference swaps `cai_jax.train.rl_common`'s
 `make_mesh` for one over the first device only (a real 1x1x1 mesh, the path a 1-device machine
 takes). Each run's metrics row and final train-state params go to OUT/<mesh>.npz (the initial
 params to OUT/init.npz); stdout is one JSON object with, per mesh, the sampled responses, how a
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from cai_jax import sharding as sh  # noqa: E402
 from cai_jax.models import ScalarModel, Transformer, init_params, tiny_config  # noqa: E402
-from cai_jax.train import ppo  # noqa: E402
+from cai_jax.train import rl_common  # noqa: E402
 from cai_jax.train.ppo import train_ppo, value_head_params  # noqa: E402
 from tests.defaults import optim_config, ppo_config  # noqa: E402
 
@@ -66,8 +66,8 @@ def _jsonl(path: Path) -> list[dict]:
 
 def _run(shape, policy, reference, pm, prompts):
     devices = jax.devices()[: int(np.prod(shape))]
-    make_mesh = ppo.make_mesh
-    ppo.make_mesh = lambda cfg: make_mesh(cfg, devices)
+    make_mesh = rl_common.make_mesh
+    rl_common.make_mesh = lambda cfg: make_mesh(cfg, devices)
     try:
         with tempfile.TemporaryDirectory() as workdir:
             state = train_ppo(
@@ -86,7 +86,7 @@ def _run(shape, policy, reference, pm, prompts):
             (row,) = _jsonl(Path(workdir) / "metrics.jsonl")
             samples = _jsonl(Path(workdir) / "samples.jsonl")
     finally:
-        ppo.make_mesh = make_mesh
+        rl_common.make_mesh = make_mesh
     q = state.params["policy"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     info = {
         "devices": len(q.sharding.device_set),

@@ -49,24 +49,18 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cai_jax.checkpoints.hf import is_complete_export
-from cai_jax.checkpoints.train_state import CheckpointConfig, Checkpointer
+from cai_jax.checkpoints.train_state import CheckpointConfig
 from cai_jax.models import ScalarModel, Transformer
 from cai_jax.sampling import generate
 from cai_jax.sharding import (
     BATCH_AXES,
-    DATA_PARALLEL,
     DEFAULT_RULES,
     Rules,
     batch_sharding,
-    make_mesh,
     param_shardings,
     shard_params,
     with_rules,
 )
-from cai_jax.text import bucket_length
-from cai_jax.train.fit import default_checkpoints, fit
-from cai_jax.train.logs import JsonlLog, MetricsLogger
 from cai_jax.train.loop import jit_train_step, state_shardings
 from cai_jax.train.pm_reward import PMReward, same_vocabulary
 from cai_jax.train.ppo_rollout import (
@@ -74,12 +68,11 @@ from cai_jax.train.ppo_rollout import (
     PromptStream,
     RewardFn,
     RolloutSource,
-    _encode_prompts,
     layout,
     update_on_rollout,
 )
 from cai_jax.train.ppo_steps import PPOConfig, compute_advantages, ppo_update, rollout_forward
-from cai_jax.train.sft import export_params
+from cai_jax.train.rl_common import run_iterations, setup_rollouts
 from cai_jax.train.state import OptimConfig, TrainState, make_optimizer
 
 __all__ = [
@@ -232,42 +225,20 @@ def train_ppo(
     """
     cfg = ppo_cfg if isinstance(ppo_cfg, PPOConfig) else PPOConfig.from_config(ppo_cfg)
     ocfg = optim_cfg if isinstance(optim_cfg, OptimConfig) else OptimConfig.from_config(optim_cfg)
-    if ocfg.grad_accum_steps != 1:
-        raise ValueError("PPO accumulates gradients over micro-batches itself: set optim.grad_accum_steps=1")
-    if (pm is None) == (reward_fn is None):
-        raise ValueError("train_ppo: pass exactly one of pm and reward_fn")
-    if jax.process_count() > 1:
-        raise NotImplementedError("train_ppo runs in a single process (the sampler uses the local devices)")
-    if pm is None and cfg.value_init == "pm":
+    if pm is None and reward_fn is not None and cfg.value_init == "pm":
         raise ValueError("value_init='pm' needs a PM; with reward_fn set ppo.value_init='policy'")
     tokenizer = getattr(policy, "tokenizer", None)
-    if cfg.value_init == "pm" and not same_vocabulary(tokenizer, policy.config, pm.tokenizer, pm.config):
+    if (
+        pm is not None
+        and cfg.value_init == "pm"
+        and not same_vocabulary(tokenizer, policy.config, pm.tokenizer, pm.config)
+    ):
         raise ValueError("value_init='pm' needs a PM with the policy's vocabulary (it reads the policy's token ids)")
-    if pm is not None and (pm.reward_mean is None or not pm.reward_std):
-        raise ValueError(
-            f"the PM has no reward statistics (reward_mean={pm.reward_mean}, reward_std={pm.reward_std}); PPO's "
-            "rewards are normalised PM scores: export the PM with them (train_pm computes them)"
-        )
-    workdir = os.fspath(workdir)
-    prompt_ids, conversations = _encode_prompts(prompts, tokenizer, rendering)
-    width = bucket_length(max(map(len, prompt_ids)), 16)
-    context = min(policy.config.max_position_embeddings, reference.config.max_position_embeddings)
-    if width + cfg.max_new_tokens > context:
-        raise ValueError(
-            f"prompts padded to {width} tokens + max_new_tokens={cfg.max_new_tokens} exceed the context of {context}"
-        )
-    stream = PromptStream(prompt_ids, batch_size=cfg.rollout_batch_size, seed=seed)
-
-    mesh = make_mesh(DATA_PARALLEL if mesh_cfg is None else mesh_cfg)
-    rules = tuple((name, tuple(a) if isinstance(a, list) else a) for name, a in rules)
-    if pm is not None:  # checks the vocabularies before anything compiles
-        reward_fn = PMReward(
-            pm, policy, rendering=rendering, retokenize=cfg.pm_retokenize, batch_size=cfg.micro_batch_size, mesh=mesh,
-            rules=rules,
-        )  # fmt: skip
-        score_norm = (np.float32(pm.reward_mean), np.float32(pm.reward_std))
-    else:
-        score_norm = (np.float32(0.0), np.float32(1.0))
+    setup = setup_rollouts(
+        "PPO", policy, reference, pm, prompts, cfg=cfg, optim=ocfg, rendering=rendering, seed=seed,
+        mesh_cfg=mesh_cfg, rules=rules, reward_fn=reward_fn,
+    )  # fmt: skip
+    mesh, rules, width = setup.mesh, setup.rules, setup.width
     value_cfg = pm.config if cfg.value_init == "pm" else policy.config
     steps = _build(policy.config, reference.config, value_cfg, cfg, ocfg, mesh, rules, width)
     head = _fresh_head(value_cfg, jax.random.fold_in(jax.random.key(seed), 1))
@@ -282,43 +253,12 @@ def train_ppo(
     state = steps.create(params, jax.random.key(seed))
     del params
     source = RolloutSource(
-        steps,
-        shard_params(reference.params, steps.ref_shardings),
-        reward_fn,
-        score_norm,
-        cfg,
-        stream=stream,
-        conversations=conversations,
-        width=width,
-        pad=int(policy.config.pad_token_id or 0),
-        policy=policy,
-        sampler=generate,
-    )
-
-    def export(state: TrainState, folder: str | os.PathLike) -> None:
-        export_params(state.params["policy"], policy.config, folder, tokenizer)
-
-    samples = JsonlLog(os.path.join(workdir, "samples.jsonl"), key="iteration", ensure_ascii=False)
-    logger = MetricsLogger(os.path.join(workdir, "metrics.jsonl"), unit="iteration", attachments={"samples": samples})
-    ckpt = Checkpointer(None if ckpt_cfg is False else ckpt_cfg or default_checkpoints(workdir, num_iterations))
-    try:
-        state = fit(
-            source,
-            functools.partial(update_on_rollout, update=steps.update, cfg=cfg, seed=seed),
-            state,
-            ckpt=ckpt,
-            logger=logger,
-            num_steps=num_iterations,
-            export_at=export_at,
-            export=export,
-            export_done=is_complete_export,
-            fetch_late=False,
-            name="PPO",
-            unit="iteration",
-        )
-    finally:
-        logger.close()
-        ckpt.close()
-    if export_dir is not None:
-        export(state, export_dir)
-    return state
+        steps, shard_params(reference.params, steps.ref_shardings), setup.reward_fn, setup.score_norm, cfg,
+        stream=setup.stream, conversations=setup.conversations, width=width, pad=int(policy.config.pad_token_id or 0),
+        policy=policy, sampler=generate,
+    )  # fmt: skip
+    update = functools.partial(update_on_rollout, update=steps.update, cfg=cfg, seed=seed)
+    return run_iterations(
+        "PPO", source, update, state, policy=policy, workdir=workdir, ckpt_cfg=ckpt_cfg,
+        num_iterations=num_iterations, export_at=export_at, export_dir=export_dir,
+    )  # fmt: skip
