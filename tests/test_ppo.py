@@ -24,7 +24,8 @@ from cai_jax.models import ScalarModel, Transformer, tiny_config
 from cai_jax.sampling import generate
 from cai_jax.scoring import sequence_token_logprobs
 from cai_jax.train import logs
-from cai_jax.train.ppo import layout, train_ppo
+from cai_jax.train.ppo import train_ppo
+from cai_jax.train.ppo_rollout import layout
 from cai_jax.train.ppo_steps import compute_advantages, ppo_update, rollout_forward
 from cai_jax.train.state import TrainState, make_optimizer
 from tests.conftest import TESTDATA, _random_params

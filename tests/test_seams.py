@@ -26,7 +26,8 @@ from cai_jax.scoring import score_continuations
 from cai_jax.text import encode, encode_exchange, encode_prompt, encode_text, end_of_turn_id
 from cai_jax.train.pm_data import tokenize_comparison
 from cai_jax.train.pm_reward import PMReward
-from cai_jax.train.ppo import _encode_prompts, layout, train_ppo
+from cai_jax.train.ppo import train_ppo
+from cai_jax.train.ppo_rollout import _encode_prompts, layout
 from tests.conftest import smollm2_tokenizer
 from tests.defaults import optim_config, ppo_config
 
