@@ -57,6 +57,7 @@ from cai_jax.sharding import (
 )
 from cai_jax.train.fit import Step
 from cai_jax.train.loop import jit_train_step, state_shardings
+from cai_jax.train.ppo_rollout import METRIC_NAMES as PPO_METRIC_NAMES
 from cai_jax.train.ppo_rollout import RewardFn, Rollout, RolloutSource
 from cai_jax.train.rl_common import run_iterations, setup_rollouts
 from cai_jax.train.rloo_steps import RLOOConfig, rloo_forward, rloo_rewards, rloo_update
@@ -64,24 +65,10 @@ from cai_jax.train.state import OptimConfig, TrainState, make_optimizer
 
 __all__ = ["RLOOConfig", "RLOOSource", "METRIC_NAMES", "rloo_forward", "rloo_rewards", "rloo_update", "train_rloo"]
 
-METRIC_NAMES = (
-    "objective/scores",  # mean raw reward (PM score or reward_fn output) of the rollout's responses
-    "objective/kl",  # mean over responses of the summed per-token KL estimate to the reference, nats
-    "objective/entropy",  # mean per-token entropy of the rollout policy on its responses, nats
-    "objective/rlhf_reward",  # mean R_i (normalised score - missing-EOS penalty - beta KL)
-    "objective/kl_coef",  # beta (fixed)
-    "policy/approxkl",  # mean over updates of 0.5 E[(logp - rollout logp)^2] per token
-    "loss/policy",  # -mean_i A_i sum_t logp, mean over updates
-    "loss",  # = loss/policy (no value or entropy term)
-    "grad_norm",
-    "lr",
-    "rollout/logprob_diff",  # max |sampler log-prob - teacher-forced log-prob| over response tokens
-    "response/length_mean",  # generated tokens per response (EOS included)
-    "response/no_eos_frac",  # fraction of responses cut at max_new_tokens
-    "time/rollout",  # seconds sampling
-    "time/scoring",  # seconds for PM / reward, teacher-forced forwards and advantages
-    "time/train",  # seconds for the updates
-)
+# PPO's names (one home: ppo_rollout.METRIC_NAMES), less its value-model and clipping metrics. Here
+# objective/kl_coef is beta (fixed), loss = loss/policy = -mean_i A_i sum_t logp (no value or
+# entropy term), policy/approxkl is 0.5 E[(logp - rollout logp)^2] per token over the updates.
+METRIC_NAMES = tuple(m for m in PPO_METRIC_NAMES if m not in ("policy/clipfrac", "loss/value", "val/clipfrac"))
 
 
 class _Steps(NamedTuple):
