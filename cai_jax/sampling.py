@@ -11,7 +11,8 @@ Design choices (written down because callers rely on them):
 * Identical prompts in one call (several samples per prompt, as the feedback and PPO stages
   ask for) are prefilled once and their KV caches copied to every row that uses them.
 * Randomness is per row: row i at step t draws from `fold_in(fold_in(rng, i), t)`, so a prompt's
-  samples depend only on the key and its index in `prompt_ids`, not on batch size or bucketing.
+  samples depend only on the key and its index in `prompt_ids` (plus `row_offset`), not on batch
+  size or bucketing: processes that each sample a share of one batch draw what one process would.
 * Sampling uses the inverse CDF over two levels (blocks of 256 vocabulary entries, then within
   the block): one uniform number per row and step instead of V Gumbel draws, exact in
   distribution. top-k uses `lax.top_k`; top-p finds its threshold among the top 256 probabilities
@@ -317,6 +318,7 @@ def generate(
     batch_size: int | None = None,
     truncate: bool = False,
     min_bucket: int = 16,
+    row_offset: int = 0,
 ) -> SampleOutput:
     """Samples continuations of token-id prompts with a KV cache (see the module docstring).
 
@@ -334,6 +336,8 @@ def generate(
       batch_size: rows per device call (default: all of them); results do not depend on it.
       truncate: drop the oldest prompt tokens of a too-long prompt instead of raising.
       min_bucket: smallest padded prompt length.
+      row_offset: index of `prompt_ids[0]` in a larger batch that several processes sample a
+        share of each: row i draws as row `row_offset + i` of that batch would.
 
     Returns:
       SampleOutput with tokens [B, N], logprobs [B, N], lengths [B], stop_reason [B].
@@ -369,7 +373,7 @@ def generate(
             tokens[r, p - len(ids) :] = ids
             mask[r, p - len(ids) :] = True
         mask[len(distinct) :, -1] = True  # filler prompts: one real token keeps them well defined
-        row_ids = np.arange(start, start + b, dtype=np.int32)
+        row_ids = np.arange(row_offset + start, row_offset + start + b, dtype=np.int32)
         out = _sample(params, tokens, mask, src, row_ids, rng, stop_table, stop_final, eos_arr, cfg=cfg, s=settings)
         results.append([x[: len(rows)] for x in out])
     tokens, logprobs, lengths, reason = (jnp.concatenate(xs) if len(results) > 1 else xs[0] for xs in zip(*results))

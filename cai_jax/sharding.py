@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 from typing import Any
@@ -364,3 +365,67 @@ def global_batch(local_batch: Any, mesh: jax.sharding.Mesh) -> Any:
         return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
     return jax.tree.map(put, local_batch)
+
+
+def from_host(tree: Any, shardings: Any) -> Any:
+    """Full host arrays, equal on every process -> global arrays on `shardings` (one, or a tree).
+
+    What a multi-process jit needs for inputs that every process holds whole (a rollout batch
+    after `allgather_rows`); each process places only its own shards. Leaves that are already
+    `jax.Array`s are kept. In one process the tree is returned as it is: the jitted function
+    places host arrays by its in_shardings, as before.
+    """
+    if jax.process_count() == 1:
+        return tree
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+
+    def put(x, sharding):
+        if isinstance(x, jax.Array):
+            return x
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def to_host(tree: Any) -> Any:
+    """Global (possibly multi-process) arrays -> their full values as numpy, on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    def get(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+            return np.asarray(jax.device_get(x))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(get, tree)
+
+
+def allgather_rows(tree: Any) -> Any:
+    """Tree of this process's rows [B / process_count, ...] (numpy) -> the full [B, ...] on every
+    process, in process order: the inverse of taking `process_shard(B)`. Every process must hold
+    the same number of rows. One process: returned as it is."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True)), tree)
+
+
+def local_copy(tree: Any) -> Any:
+    """Global params -> their full values on this process's first device (for a per-process program
+    such as the sampler). Leaves replicated over the mesh are read from a local shard; sharded ones
+    are all-gathered first (one jitted copy per mesh). One process: returned as it is."""
+    if jax.process_count() == 1:
+        return tree
+    sharded = [x.sharding.mesh for x in jax.tree.leaves(tree) if not x.is_fully_replicated]
+    if sharded:
+        tree = _replicator(sharded[0])(tree)
+    return jax.tree.map(lambda x: x.addressable_data(0), tree)
+
+
+@functools.lru_cache(maxsize=8)
+def _replicator(mesh: jax.sharding.Mesh):
+    return jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, P()))

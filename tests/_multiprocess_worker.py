@@ -1,10 +1,16 @@
-"""One process of the two-process check in tests/test_multiprocess.py (also runs alone).
+"""One process of the two-process checks in tests/test_multiprocess.py (also runs alone).
 
-    python tests/_multiprocess_worker.py <process_id> <num_processes> <port> <out.json>
+    python tests/_multiprocess_worker.py sft|ppo <process_id> <num_processes> <port> <out>
 
 Each process owns 2 CPU devices; with 2 processes the mesh spans 4 devices on localhost over
-jax.distributed (gloo CPU collectives). Every process feeds its own rows of the global batch
-(`process_shard`); the loss and gradient norm of 3 SFT steps are written as JSON by process 0.
+jax.distributed (gloo CPU collectives).
+
+* sft: every process feeds its own rows of the global batch (`process_shard`); the loss and
+  gradient norm of 3 SFT steps are written to <out> (JSON) by process 0.
+* ppo: `train_ppo` on a tiny policy and PM for 2 iterations with a checkpoint after each, in the
+  folder <out> (shared by the processes, as a multi-host run shares its workdir); process 0 writes
+  metrics.jsonl, samples.jsonl and the final params (<out>/params.npz). With a third argument
+  after <out>, "resume", the run stops after 1 iteration first and is continued in a second call.
 """
 
 import json
@@ -20,7 +26,10 @@ import jax  # noqa: E402
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 import functools  # noqa: E402
+import logging  # noqa: E402
+import types  # noqa: E402
 
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cai_jax import sharding  # noqa: E402
@@ -31,12 +40,7 @@ from cai_jax.train.steps import sft_step  # noqa: E402
 from tests.defaults import optim_config  # noqa: E402
 
 
-def main():
-    pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    if nproc > 1:
-        sharding.initialize_distributed(
-            {"coordinator_address": f"localhost:{port}", "num_processes": nproc, "process_id": pid}
-        )
+def sft(out: str) -> None:
     cfg = tiny_config("llama")
     model = Transformer(cfg)
     mesh = sharding.make_mesh(sharding.MeshConfig(data=-1, fsdp=1, tensor=1))
@@ -70,6 +74,57 @@ def main():
     if jax.process_index() == 0:
         with open(out, "w") as f:
             json.dump({"loss": losses, "grad_norm": grad_norms, "devices": jax.device_count()}, f)
+
+
+def ppo(out: str, resume: bool) -> None:
+    from cai_jax.checkpoints.train_state import CheckpointConfig
+    from cai_jax.train.ppo import train_ppo
+    from tests.defaults import ppo_config
+
+    cfg = tiny_config("llama")
+    policy = types.SimpleNamespace(params=_noisy(init_params(cfg, jax.random.key(0)), 0), tokenizer=None, config=cfg)
+    head = {"kernel": 0.1 * jax.random.normal(jax.random.key(2), (cfg.hidden_size, 1)), "bias": jnp.zeros((1,))}
+    pm = types.SimpleNamespace(
+        params={"backbone": _noisy(init_params(cfg, jax.random.key(2)), 2), "head": head},
+        tokenizer=None, config=cfg, reward_mean=0.1, reward_std=0.5,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 256, int(rng.integers(3, 11))).tolist() for _ in range(16)]
+    ppo_cfg = ppo_config(
+        rollout_batch_size=8, minibatch_size=8, micro_batch_size=4, ppo_epochs=2, max_new_tokens=8,
+        kl_coef=0.1, missing_eos_penalty=0.5, value_init="pm", sample_every=1, num_samples_logged=2,
+    )  # fmt: skip
+    optim = optim_config(lr=1e-3, warmup_steps=0, grad_clip_norm=1.0, schedule="constant", updates=8)
+    for n in (1, 2) if resume else (2,):
+        state = train_ppo(
+            policy, policy, pm, prompts, ppo_cfg=ppo_cfg, optim_cfg=optim, num_iterations=n, seed=0, workdir=out,
+            ckpt_cfg=CheckpointConfig(directory=os.path.join(out, "checkpoints"), save_every_steps=1, keep_last=None),
+        )  # fmt: skip
+    flat = jax.tree_util.tree_flatten_with_path(sharding.to_host(state.params))[0]
+    if jax.process_index() == 0:
+        np.savez(os.path.join(out, "params.npz"), **{jax.tree_util.keystr(k): v for k, v in flat})
+        with open(os.path.join(out, "devices.json"), "w") as f:
+            json.dump({"devices": jax.device_count(), "processes": jax.process_count()}, f)
+
+
+def _noisy(params, seed: int):
+    """tests.conftest's random params: init plus N(0, 0.1^2) noise on every leaf."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree.unflatten(treedef, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def main():
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the fit loop's "resumed from" line on stderr
+    job, pid, nproc, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    if nproc > 1:
+        sharding.initialize_distributed(
+            {"coordinator_address": f"localhost:{port}", "num_processes": nproc, "process_id": pid}
+        )
+    if job == "sft":
+        sft(out)
+    else:
+        ppo(out, resume=sys.argv[6:] == ["resume"])
     if nproc > 1:
         jax.distributed.shutdown()
 

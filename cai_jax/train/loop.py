@@ -23,7 +23,16 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cai_jax.sharding import DEFAULT_RULES, Rules, abstract_params, make_mesh, shard_params, sharded_init, with_rules
+from cai_jax.sharding import (
+    DEFAULT_RULES,
+    Rules,
+    abstract_params,
+    from_host,
+    make_mesh,
+    shard_params,
+    sharded_init,
+    with_rules,
+)
 from cai_jax.train.logs import METRICS_SINKS, MetricsLogger
 from cai_jax.train.state import OptimConfig, Optimizer, TrainState, make_optimizer
 
@@ -91,6 +100,7 @@ def jit_train_step(
     The returned callable enters `with_rules(mesh, rules)` around each call, so the logical
     constraints inside the model resolve to `mesh` when (and whenever) jax traces. Metrics come
     out replicated. The caller must not use the `state` it passed in after the call (donated).
+    `batch` is global arrays, or host arrays that every process holds whole (`sharding.from_host`).
     """
     replicated = NamedSharding(mesh, P())
     jitted = jax.jit(
@@ -102,7 +112,7 @@ def jit_train_step(
 
     def step(state, batch):
         with with_rules(mesh, rules):
-            return jitted(state, batch)
+            return jitted(state, from_host(batch, batch_shardings))
 
     step.jitted = jitted  # for .lower() / cost analysis
     return step

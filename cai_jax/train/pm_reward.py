@@ -36,7 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from cai_jax.models import ScalarModel
-from cai_jax.sharding import DEFAULT_RULES, make_mesh, param_shardings, shard_params, with_rules
+from cai_jax.sharding import (
+    DEFAULT_RULES,
+    batch_sharding,
+    from_host,
+    make_mesh,
+    param_shardings,
+    shard_params,
+    to_host,
+    with_rules,
+)
 from cai_jax.text import bucket_length, end_of_turn_id, fit_exchange
 
 __all__ = ["PMReward", "same_vocabulary", "same_rendering", "chunks"]
@@ -168,5 +177,6 @@ class PMReward:
         out = []
         with with_rules(self._mesh, self._rules):
             for chunk, n in chunks({"t": tokens, "m": mask}, self.batch_size):
-                out.append(np.asarray(self._fn(self.params, chunk["t"], chunk["m"]))[:n])
+                rows = from_host((chunk["t"], chunk["m"]), batch_sharding(self._mesh))  # several processes: split
+                out.append(to_host(self._fn(self.params, *rows))[:n])
         return np.concatenate(out).astype(np.float32)

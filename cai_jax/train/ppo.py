@@ -31,8 +31,14 @@ initialised from the PM (`value_init="pm"`) gets the PM's backbone and its head 
 units, kernel / std and (bias - mean) / std, so V starts at the normalised score the returns are
 built from; it reads the policy's token ids, so it needs the PM's vocabulary.
 
-Single-process only (the sampler runs on the local devices); the train steps are sharded over the
-mesh of `mesh_cfg` like the SFT and PM steps.
+Across processes (`jax.distributed`, every process calling `train_ppo` with the same arguments):
+each process samples its equal share of the rollout rows on its own devices, from a local copy of
+the policy params and with the row keys one process would use (`sampling.generate(row_offset=)`),
+and the shares are gathered so every process holds the whole batch on the host; the PM scores,
+the teacher-forced forwards and the updates then run on the global mesh of `mesh_cfg` (each
+process placing its shards of the host batch, `sharding.from_host`), like the SFT and PM steps.
+So two processes draw, score and train what one process would, up to reduction order
+(tests/test_multiprocess.py). Process 0 writes the logs and exports; checkpoints are orbax's.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from cai_jax.sharding import (
     DEFAULT_RULES,
     Rules,
     batch_sharding,
+    from_host,
     param_shardings,
     shard_params,
     with_rules,
@@ -141,9 +148,9 @@ def _build(policy_cfg, ref_cfg, value_cfg, cfg: PPOConfig, ocfg: OptimConfig, me
         in_shardings=(shardings.params, None, rows_sh, rows_sh, rows_sh),
     )
 
-    def forward_in_mesh(*args):
+    def forward_in_mesh(params, ref_params, *rows):  # rows: host arrays every process holds whole
         with with_rules(mesh, rules):
-            return forward(*args)
+            return forward(params, ref_params, *from_host(rows, rows_sh))
 
     forward_in_mesh.jitted = forward  # for .lower() (experiments/plan.py), like jit_train_step's
 

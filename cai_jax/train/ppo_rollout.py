@@ -31,6 +31,7 @@ import numpy as np
 
 from cai_jax.rl_losses import adaptive_kl_update
 from cai_jax.sampling import STOP_EOS, generate
+from cai_jax.sharding import allgather_rows, local_copy, process_shard, to_host
 from cai_jax.text import encode_prompt
 from cai_jax.train.fit import Step
 from cai_jax.train.loop import EpochBatcher
@@ -196,18 +197,23 @@ class RolloutSource:
         prompts_b = [self.stream.prompts[i] for i in rows]
         convs_b = None if self.conversations is None else [self.conversations[i] for i in rows]
         t0 = time.perf_counter()
+        # Each process samples its share of the rows on its own devices (one process: all of them),
+        # drawing as one process would (`row_offset`); every process then holds the whole batch.
+        lo, hi = process_shard(len(prompts_b))
         out = self.sampler(
             policy,
-            prompts_b,
-            rng=jax.random.fold_in(state.rng, it),
-            params=state.params["policy"],
+            prompts_b[lo:hi],
+            rng=jax.random.fold_in(local_copy(state.rng), it),
+            params=local_copy(state.params["policy"]),
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
             stop_at_eos=True,
             batch_size=cfg.generation_batch_size or None,
+            row_offset=lo,
         )
-        responses, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-        sampler_logp, ended = np.asarray(out.logprobs), out.stop_reason == STOP_EOS
+        mine = (out.tokens, out.lengths, out.logprobs, out.stop_reason)
+        responses, lengths, sampler_logp, reason = allgather_rows([np.asarray(x) for x in mine])
+        ended = reason == STOP_EOS
         t1 = time.perf_counter()
 
         tokens, mask, resp_mask = layout(prompts_b, responses, lengths, self.width, self.pad)
@@ -224,7 +230,7 @@ class RolloutSource:
         fwd = []
         for chunk, _ in chunks({"t": tokens, "m": mask, "r": resp_mask}, cfg.micro_batch_size):  # never padded
             out = self.steps.forward(state.params, self.ref_params, chunk["t"], chunk["m"], chunk["r"])
-            fwd.append(jax.device_get(out))
+            fwd.append(to_host(out))
         entropy = sum(float(f["entropy_sum"]) for f in fwd) / max(sum(float(f["tokens"]) for f in fwd), 1.0)
         keys = [k for k in fwd[0] if k not in ("entropy_sum", "tokens")]
         return Sampled(

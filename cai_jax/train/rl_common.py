@@ -57,15 +57,17 @@ def setup_rollouts(
     """Checks the inputs of trainer `name` and builds its prompt stream, mesh and reward.
 
     `cfg` is the trainer's config (rollout_batch_size, max_new_tokens, micro_batch_size,
-    pm_retokenize are read). Raises ValueError naming the problem, NotImplementedError on several
-    processes (the sampler uses the local devices).
+    pm_retokenize are read). Raises ValueError naming the problem.
     """
     if optim.grad_accum_steps != 1:
         raise ValueError(f"{name} accumulates gradients over micro-batches itself: set optim.grad_accum_steps=1")
     if (pm is None) == (reward_fn is None):
         raise ValueError(f"{name}: pass exactly one of pm and reward_fn")
-    if jax.process_count() > 1:
-        raise NotImplementedError(f"{name} runs in a single process (the sampler uses the local devices)")
+    if cfg.rollout_batch_size % jax.process_count():
+        raise ValueError(
+            f"{name}: rollout_batch_size={cfg.rollout_batch_size} must divide over the {jax.process_count()} "
+            "processes (each samples an equal share of the rows)"
+        )
     if pm is not None and (pm.reward_mean is None or not pm.reward_std):
         raise ValueError(
             f"the PM has no reward statistics (reward_mean={pm.reward_mean}, reward_std={pm.reward_std}); {name}'s "

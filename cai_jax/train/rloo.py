@@ -51,6 +51,7 @@ from cai_jax.sharding import (
     DEFAULT_RULES,
     Rules,
     batch_sharding,
+    from_host,
     param_shardings,
     shard_params,
     with_rules,
@@ -99,9 +100,9 @@ def _build(policy_cfg, ref_cfg, cfg: RLOOConfig, ocfg: OptimConfig, mesh, rules,
         in_shardings=(shardings.params, None, rows_sh, rows_sh, rows_sh),
     )
 
-    def forward_in_mesh(*args):
+    def forward_in_mesh(params, ref_params, *rows):  # rows: host arrays every process holds whole
         with with_rules(mesh, rules):
-            return forward(*args)
+            return forward(params, ref_params, *from_host(rows, rows_sh))
 
     forward_in_mesh.jitted = forward  # for .lower(), as PPO's
 
