@@ -249,12 +249,15 @@ def shard_params(params: Any, shardings: Any) -> Any:
     check_divisible(params, shardings)
 
     def put(x, sharding):
-        if sharding.is_fully_addressable:
-            return jax.device_put(x, sharding)
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+        return jax.device_put(x, sharding) if sharding.is_fully_addressable else _from_full(x, sharding)
 
     return jax.tree.map(put, nn.meta.unbox(params), shardings)
+
+
+def _from_full(x: Any, sharding: Any) -> jax.Array:
+    """A global array from the full value `x`, which every process holds: each places its own shards."""
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def batch_sharding(mesh: Any) -> NamedSharding:
@@ -380,13 +383,7 @@ def from_host(tree: Any, shardings: Any) -> Any:
     if isinstance(shardings, jax.sharding.Sharding):
         shardings = jax.tree.map(lambda _: shardings, tree)
 
-    def put(x, sharding):
-        if isinstance(x, jax.Array):
-            return x
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    return jax.tree.map(put, tree, shardings)
+    return jax.tree.map(lambda x, sharding: x if isinstance(x, jax.Array) else _from_full(x, sharding), tree, shardings)
 
 
 def to_host(tree: Any) -> Any:

@@ -27,9 +27,7 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 import functools  # noqa: E402
 import logging  # noqa: E402
-import types  # noqa: E402
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cai_jax import sharding  # noqa: E402
@@ -80,16 +78,10 @@ def ppo(out: str, resume: bool) -> None:
     from cai_jax.checkpoints.train_state import CheckpointConfig
     from cai_jax.train.ppo import train_ppo
     from tests.defaults import ppo_config
+    from tests.test_ppo import _lm, _pm, _prompts
 
     cfg = tiny_config("llama")
-    policy = types.SimpleNamespace(params=_noisy(init_params(cfg, jax.random.key(0)), 0), tokenizer=None, config=cfg)
-    head = {"kernel": 0.1 * jax.random.normal(jax.random.key(2), (cfg.hidden_size, 1)), "bias": jnp.zeros((1,))}
-    pm = types.SimpleNamespace(
-        params={"backbone": _noisy(init_params(cfg, jax.random.key(2)), 2), "head": head},
-        tokenizer=None, config=cfg, reward_mean=0.1, reward_std=0.5,
-    )  # fmt: skip
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(3, 256, int(rng.integers(3, 11))).tolist() for _ in range(16)]
+    policy, pm, prompts = _lm(cfg), _pm(cfg), _prompts(16)  # tests/test_ppo.py's tiny policy, PM and prompts
     ppo_cfg = ppo_config(
         rollout_batch_size=8, minibatch_size=8, micro_batch_size=4, ppo_epochs=2, max_new_tokens=8,
         kl_coef=0.1, missing_eos_penalty=0.5, value_init="pm", sample_every=1, num_samples_logged=2,
@@ -105,13 +97,6 @@ def ppo(out: str, resume: bool) -> None:
         np.savez(os.path.join(out, "params.npz"), **{jax.tree_util.keystr(k): v for k, v in flat})
         with open(os.path.join(out, "devices.json"), "w") as f:
             json.dump({"devices": jax.device_count(), "processes": jax.process_count()}, f)
-
-
-def _noisy(params, seed: int):
-    """tests.conftest's random params: init plus N(0, 0.1^2) noise on every leaf."""
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree.unflatten(treedef, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
 
 
 def main():
