@@ -43,6 +43,7 @@ So two processes draw, score and train what one process would, up to reduction o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -57,6 +58,7 @@ from jax.sharding import PartitionSpec as P
 
 from cai_jax.checkpoints.train_state import CheckpointConfig
 from cai_jax.models import ScalarModel, Transformer
+from cai_jax.nn.lora import LoRAConfig
 from cai_jax.sampling import generate
 from cai_jax.sharding import (
     BATCH_AXES,
@@ -79,7 +81,8 @@ from cai_jax.train.ppo_rollout import (
     update_on_rollout,
 )
 from cai_jax.train.ppo_steps import PPOConfig, compute_advantages, ppo_update, rollout_forward
-from cai_jax.train.rl_common import run_iterations, setup_rollouts
+from cai_jax.train.rl_common import lora_export, run_iterations, setup_rollouts
+from cai_jax.train.rl_lora import adapter_shardings, check_reference, frozen_patterns, lora_state, merged_policy
 from cai_jax.train.state import OptimConfig, TrainState, make_optimizer
 
 __all__ = [
@@ -117,7 +120,9 @@ class _Steps(NamedTuple):
 
 
 @functools.lru_cache(maxsize=8)
-def _build(policy_cfg, ref_cfg, value_cfg, cfg: PPOConfig, ocfg: OptimConfig, mesh, rules, width: int) -> _Steps:
+def _build(
+    policy_cfg, ref_cfg, value_cfg, cfg: PPOConfig, ocfg: OptimConfig, mesh, rules, width: int, lora: LoRAConfig | None
+) -> _Steps:
     """Shardings and jitted steps for one setup, cached so repeated runs in a process compile once."""
     policy_model, ref_model = Transformer(policy_cfg), Transformer(ref_cfg)
     value_model = None if cfg.shared_backbone else ScalarModel(value_cfg)
@@ -135,6 +140,16 @@ def _build(policy_cfg, ref_cfg, value_cfg, cfg: PPOConfig, ocfg: OptimConfig, me
     }
     if cfg.shared_backbone:
         abstract["value"] = {"head": abstract["value"]["head"]}
+    if lora is not None:  # bases stored once and frozen, adapters trained (train/rl_lora.py)
+        abstract = jax.eval_shape(
+            functools.partial(
+                lora_state, policy_cfg=policy_cfg, value_cfg=value_cfg, lora=lora, key=jax.random.key(0),
+                value_from_policy=cfg.value_init == "policy",
+            ),
+            abstract["policy"], abstract["value"],
+        )  # fmt: skip
+        p_shardings = adapter_shardings(p_shardings, abstract, policy_cfg, value_cfg, mesh, rules)
+        ocfg = dataclasses.replace(ocfg, frozen=ocfg.frozen + frozen_patterns(abstract))
     optimizer = make_optimizer(ocfg, abstract)
 
     def create(params, rng):
@@ -142,7 +157,7 @@ def _build(policy_cfg, ref_cfg, value_cfg, cfg: PPOConfig, ocfg: OptimConfig, me
 
     shardings = state_shardings(jax.eval_shape(create, abstract, jax.random.key(0)), p_shardings, mesh)
     rows_sh = batch_sharding(mesh)
-    models = dict(policy_model=policy_model, value_model=value_model, cfg=cfg)
+    models = dict(policy_model=policy_model, value_model=value_model, cfg=cfg, lora=lora)
     forward = jax.jit(
         functools.partial(rollout_forward, ref_model=ref_model, **models),
         in_shardings=(shardings.params, None, rows_sh, rows_sh, rows_sh),
@@ -193,6 +208,7 @@ def train_ppo(
     reward_fn: RewardFn | None = None,
     rendering: str | None = None,
     rules: Rules = DEFAULT_RULES,
+    lora: LoRAConfig | None = None,
 ) -> TrainState:
     """Trains `policy` with PPO against `pm` (or `reward_fn`) for `num_iterations` iterations in total.
 
@@ -222,9 +238,13 @@ def train_ppo(
         used instead of a PM (normalised with mean 0 / std 1).
       rendering: how text prompts are rendered for the policy ("chat" | "transcript").
       rules: logical-axis rules.
+      lora: train LoRA adapters only (`train.rl_lora`): the policy's weights are stored once as
+        the frozen base of the policy, of the reference (which must then be `policy` itself) and
+        of a value_init="policy" value model; exports are merged HF folders with the adapters
+        alone in PEFT's layout in their `adapter/` subfolder.
 
     Returns:
-      The final train state, params {"policy", "value"}.
+      The final train state, params {"policy", "value"} (under LoRA as `rl_lora.lora_state`).
 
     Raises:
       FloatingPointError: a non-finite reward or loss, naming the iteration; the latest checkpoint
@@ -246,8 +266,9 @@ def train_ppo(
         mesh_cfg=mesh_cfg, rules=rules, reward_fn=reward_fn,
     )  # fmt: skip
     mesh, rules, width = setup.mesh, setup.rules, setup.width
+    check_reference(lora, policy, reference)
     value_cfg = pm.config if cfg.value_init == "pm" else policy.config
-    steps = _build(policy.config, reference.config, value_cfg, cfg, ocfg, mesh, rules, width)
+    steps = _build(policy.config, reference.config, value_cfg, cfg, ocfg, mesh, rules, width, lora)
     head = _fresh_head(value_cfg, jax.random.fold_in(jax.random.key(seed), 1))
     if cfg.value_init == "pm":
         value_params = {
@@ -256,16 +277,23 @@ def train_ppo(
         }
     else:
         value_params = {"head": head} if cfg.shared_backbone else {"backbone": policy.params, "head": head}
-    params = shard_params(_copy({"policy": policy.params, "value": value_params}), steps.shardings.params)
+    params = {"policy": policy.params, "value": value_params}
+    if lora is not None:
+        params = lora_state(
+            params["policy"], params["value"], policy.config, value_cfg, lora, jax.random.fold_in(jax.random.key(seed), 2),
+            value_from_policy=cfg.value_init == "policy",
+        )  # fmt: skip
+    params = shard_params(_copy(params), steps.shardings.params)
     state = steps.create(params, jax.random.key(seed))
     del params
+    ref_params = None if lora is not None else shard_params(reference.params, steps.ref_shardings)
     source = RolloutSource(
-        steps, shard_params(reference.params, steps.ref_shardings), setup.reward_fn, setup.score_norm, cfg,
-        stream=setup.stream, conversations=setup.conversations, width=width, pad=int(policy.config.pad_token_id or 0),
-        policy=policy, sampler=generate,
+        steps, ref_params, setup.reward_fn, setup.score_norm, cfg, stream=setup.stream,
+        conversations=setup.conversations, width=width, pad=int(policy.config.pad_token_id or 0), policy=policy,
+        sampler=generate, merge=functools.partial(merged_policy, lora=lora),
     )  # fmt: skip
     update = functools.partial(update_on_rollout, update=steps.update, cfg=cfg, seed=seed)
     return run_iterations(
         "PPO", source, update, state, policy=policy, workdir=workdir, ckpt_cfg=ckpt_cfg,
-        num_iterations=num_iterations, export_at=export_at, export_dir=export_dir,
+        num_iterations=num_iterations, export_at=export_at, export_dir=export_dir, export=lora_export(policy, lora),
     )  # fmt: skip

@@ -148,7 +148,7 @@ class RolloutSource:
 
     Args:
       steps: `ppo._Steps` (the jitted `forward` and `advantages`).
-      ref_params: the frozen reference's params, on the mesh.
+      ref_params: the frozen reference's params, on the mesh (None under LoRA: the policy's base).
       reward_fn: a `PMReward` or a user `reward_fn(prompt_ids, response_ids, lengths) -> [B]`.
       score_norm: (mean, std) the raw scores are normalised by.
       cfg: the PPO config.
@@ -158,6 +158,8 @@ class RolloutSource:
       pad: padding id.
       policy: the policy being trained (its model and tokenizer; params come from the state).
       sampler: `sampling.generate` or a stand-in with its signature (tests).
+      merge: params["policy"] -> the plain params the sampler takes (`rl_lora.merged_policy`
+        under LoRA); None: as they are.
     """
 
     def __init__(
@@ -174,10 +176,12 @@ class RolloutSource:
         pad: int,
         policy: Any,
         sampler: Callable = generate,
+        merge: Callable | None = None,
     ):
         self.steps, self.ref_params, self.reward_fn, self.score_norm = steps, ref_params, reward_fn, score_norm
         self.cfg, self.stream, self.conversations = cfg, stream, conversations
         self.width, self.pad, self.policy, self.sampler = width, pad, policy, sampler
+        self.merge = merge or (lambda p: p)
         self.beta = float(np.float32(cfg.kl_coef))
         self.iteration = 0
 
@@ -204,7 +208,7 @@ class RolloutSource:
             policy,
             prompts_b[lo:hi],
             rng=jax.random.fold_in(local_copy(state.rng), it),
-            params=local_copy(state.params["policy"]),
+            params=local_copy(self.merge(state.params["policy"])),
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
             stop_at_eos=True,

@@ -23,6 +23,7 @@ Shape letters: B batch (episodes), L = P + N sequence, N response tokens, V voca
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,8 +33,9 @@ import jax.numpy as jnp
 
 from cai_jax.rl_losses import entropy_from_logits, gae, ppo_policy_loss, ppo_rewards, ppo_value_loss, whiten
 from cai_jax.scoring import token_logprobs
+from cai_jax.train.rl_lora import policy_params, reference_params, value_params
 from cai_jax.train.state import Optimizer, TrainState, strict_fields
-from cai_jax.train.steps import _apply
+from cai_jax.train.steps import _apply, accumulated_grads
 
 __all__ = ["PPOConfig", "policy_value_forward", "rollout_forward", "compute_advantages", "ppo_loss", "ppo_update"]
 
@@ -133,7 +135,7 @@ def _head(head_params, h_BLE: jax.Array) -> jax.Array:
 
 
 def policy_value_forward(
-    params, tokens_BL, mask_BL, *, policy_model: nn.Module, value_model: nn.Module | None, cfg: PPOConfig
+    params, tokens_BL, mask_BL, *, policy_model: nn.Module, value_model: nn.Module | None, cfg: PPOConfig, lora=None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Response logits, log-probs and values of a batch.
 
@@ -143,29 +145,42 @@ def policy_value_forward(
       policy_model: the policy `Transformer`.
       value_model: the value `ScalarModel`, or None for a shared backbone.
       cfg: the PPO config (N and the temperature).
+      lora: the `nn.lora.LoRAConfig` of a LoRA state (`train.rl_lora`), else None.
 
     Returns:
       (logits_BNV at the sampling temperature, logp_BN of the response tokens, values_BN), float32.
     """
     n = cfg.max_new_tokens
     p = tokens_BL.shape[1] - n
-    variables = {"params": params["policy"]}
+    variables = {"params": policy_params(params["policy"], lora)}
     if value_model is None:
         h_BLE = policy_model.apply(variables, tokens_BL, mask_BL, return_hidden=True)
         logits_BLV = policy_model.apply(variables, h_BLE[:, p - 1 : p - 1 + n], method="logits")
-        values_BN = _head(params["value"]["head"], h_BLE[:, p - 1 : p - 1 + n])
+        values_BN = _head(params["value"]["head"], h_BLE[:, p - 1 : p - 1 + n])  # head only, never LoRA
     else:
         logits_BLV = policy_model.apply(variables, tokens_BL, mask_BL)[:, p - 1 : p - 1 + n]
-        values_BL = value_model.apply({"params": params["value"]}, tokens_BL, mask_BL, per_token=True)
+        values_BL = value_model.apply({"params": value_params(params, lora)}, tokens_BL, mask_BL, per_token=True)
         values_BN = values_BL[:, p - 1 : p - 1 + n]
     logits_BNV = logits_BLV.astype(jnp.float32) / cfg.temperature
     return logits_BNV, token_logprobs(logits_BNV, tokens_BL[:, p:]), values_BN
 
 
 def rollout_forward(
-    params, ref_params, tokens_BL, mask_BL, resp_mask_BN, *, policy_model, value_model, ref_model, cfg: PPOConfig
+    params,
+    ref_params,
+    tokens_BL,
+    mask_BL,
+    resp_mask_BN,
+    *,
+    policy_model,
+    value_model,
+    ref_model,
+    cfg: PPOConfig,
+    lora=None,
 ) -> dict[str, jax.Array]:
     """Teacher-forced quantities of a rollout chunk under the rollout policy and the reference.
+
+    Under LoRA (`lora` set) `ref_params` is None: the reference is the policy's frozen base.
 
     Returns:
       {"logp" [B, N] (policy, the PPO "old" log-probs), "ref_logp" [B, N] (reference, same
@@ -173,11 +188,12 @@ def rollout_forward(
       entropy, nats), "tokens" (response tokens)}; 0 at padding.
     """
     logits_BNV, logp_BN, values_BN = policy_value_forward(
-        params, tokens_BL, mask_BL, policy_model=policy_model, value_model=value_model, cfg=cfg
+        params, tokens_BL, mask_BL, policy_model=policy_model, value_model=value_model, cfg=cfg, lora=lora
     )
     n = cfg.max_new_tokens
     p = tokens_BL.shape[1] - n
-    ref_logits_BNV = ref_model.apply({"params": ref_params}, tokens_BL, mask_BL)[:, p - 1 : p - 1 + n]
+    ref_variables = {"params": reference_params(params, ref_params, lora)}
+    ref_logits_BNV = ref_model.apply(ref_variables, tokens_BL, mask_BL)[:, p - 1 : p - 1 + n]
     ref_logp_BN = token_logprobs(ref_logits_BNV.astype(jnp.float32) / cfg.temperature, tokens_BL[:, p:])
     keep_BN = resp_mask_BN.astype(bool)
     count = jnp.sum(resp_mask_BN.astype(jnp.float32))
@@ -242,7 +258,9 @@ def compute_advantages(
     }
 
 
-def ppo_loss(params, mb: dict, total_tokens, *, policy_model, value_model, cfg: PPOConfig) -> tuple[jax.Array, dict]:
+def ppo_loss(
+    params, mb: dict, total_tokens, *, policy_model, value_model, cfg: PPOConfig, lora=None
+) -> tuple[jax.Array, dict]:
     """Clipped PPO loss of one micro-batch, scaled by its share of the minibatch's response tokens.
 
     Summing the result over the micro-batches of a minibatch gives exactly the token-mean loss of
@@ -259,7 +277,7 @@ def ppo_loss(params, mb: dict, total_tokens, *, policy_model, value_model, cfg: 
       "policy/clipfrac", "val/clipfrac", "policy/entropy"}).
     """
     logits_BNV, logp_BN, values_BN = policy_value_forward(
-        params, mb["tokens"], mb["mask"], policy_model=policy_model, value_model=value_model, cfg=cfg
+        params, mb["tokens"], mb["mask"], policy_model=policy_model, value_model=value_model, cfg=cfg, lora=lora
     )
     resp_mask_BN = mb["resp_mask"]
     pg_loss, pg_metrics = ppo_policy_loss(logp_BN, mb["old_logp"], mb["advantages"], resp_mask_BN, cfg.clip_ratio)
@@ -283,7 +301,7 @@ def ppo_loss(params, mb: dict, total_tokens, *, policy_model, value_model, cfg: 
 
 
 def ppo_update(
-    state: TrainState, minibatch: dict, *, policy_model, value_model, optimizer: Optimizer, cfg: PPOConfig
+    state: TrainState, minibatch: dict, *, policy_model, value_model, optimizer: Optimizer, cfg: PPOConfig, lora=None
 ) -> tuple[TrainState, dict]:
     """One optimizer update on a minibatch, gradients accumulated over its micro-batches.
 
@@ -296,17 +314,9 @@ def ppo_update(
       (params before the update), plus "grad_norm" (before clipping), "lr", "param_norm".
     """
     total_tokens = jnp.sum(minibatch["resp_mask"].astype(jnp.float32))
-    grad_fn = jax.grad(
-        lambda p, mb: ppo_loss(p, mb, total_tokens, policy_model=policy_model, value_model=value_model, cfg=cfg),
-        has_aux=True,
+    loss_fn = functools.partial(
+        ppo_loss, total_tokens=total_tokens, policy_model=policy_model, value_model=value_model, cfg=cfg, lora=lora
     )
-
-    def micro(acc, mb):
-        grads, metrics = grad_fn(state.params, mb)
-        return jax.tree.map(jnp.add, acc, (grads, metrics)), None
-
-    zeros = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], minibatch))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-    (grads, metrics), _ = jax.lax.scan(micro, zeros, minibatch)
+    grads, metrics = accumulated_grads(loss_fn, state.params, minibatch, optimizer.trainable)
     state, opt_metrics = _apply(state, grads, optimizer)
     return state, {**metrics, **opt_metrics}

@@ -21,12 +21,14 @@ from cai_jax.sharding import DATA_PARALLEL, Rules, make_mesh
 from cai_jax.text import bucket_length
 from cai_jax.train.fit import default_checkpoints, fit
 from cai_jax.train.logs import JsonlLog, MetricsLogger
+from cai_jax.train.loop import gather_to_host
 from cai_jax.train.pm_reward import PMReward
 from cai_jax.train.ppo_rollout import PromptStream, _encode_prompts
+from cai_jax.train.rl_lora import merged_policy
 from cai_jax.train.sft import export_params
 from cai_jax.train.state import OptimConfig, TrainState
 
-__all__ = ["RolloutSetup", "setup_rollouts", "run_iterations"]
+__all__ = ["RolloutSetup", "setup_rollouts", "run_iterations", "lora_export"]
 
 
 class RolloutSetup(NamedTuple):
@@ -94,6 +96,25 @@ def setup_rollouts(
     return RolloutSetup(conversations, width, stream, mesh, rules, reward_fn, score_norm)
 
 
+def lora_export(policy: Any, lora: Any) -> Callable:
+    """`export(state, folder)` of a policy: params["policy"] as an HF folder; under LoRA (`lora` a
+    `LoRAConfig`) the adapters alone in PEFT's layout in `folder/adapter` first, then the merged
+    model in `folder`, whose completion marker comes last (a folder marked complete has both)."""
+    tokenizer = getattr(policy, "tokenizer", None)
+
+    def export(state: TrainState, folder: str | os.PathLike) -> None:
+        p = state.params["policy"]
+        if lora is not None:
+            from cai_jax.checkpoints.peft import save_peft_adapters
+
+            host = gather_to_host(p["lora"])
+            if jax.process_index() == 0:
+                save_peft_adapters(os.path.join(folder, "adapter"), policy.config, host, lora)
+        export_params(merged_policy(p, lora), policy.config, folder, tokenizer)
+
+    return export
+
+
 def run_iterations(
     name: str,
     source: Any,
@@ -106,15 +127,14 @@ def run_iterations(
     num_iterations: int,
     export_at: Mapping[int, str | os.PathLike] | None,
     export_dir: str | os.PathLike | None,
+    export: Callable | None = None,
 ) -> TrainState:
     """`num_iterations` of `source` / `update` on the fit loop: metrics.jsonl and samples.jsonl in
     `workdir` (cut back on resume), checkpoints (default `workdir/checkpoints`, only the end; False:
-    none), `export_at` snapshots of params["policy"] and the final `export_dir`."""
+    none), `export_at` snapshots of params["policy"] and the final `export_dir`, each written by
+    `export(state, folder)` (default: params["policy"] as an HF folder; see `lora_export`)."""
     workdir = os.fspath(workdir)
-    tokenizer = getattr(policy, "tokenizer", None)
-
-    def export(state: TrainState, folder: str | os.PathLike) -> None:
-        export_params(state.params["policy"], policy.config, folder, tokenizer)
+    export = export or lora_export(policy, None)
 
     samples = JsonlLog(os.path.join(workdir, "samples.jsonl"), key="iteration", ensure_ascii=False)
     logger = MetricsLogger(os.path.join(workdir, "metrics.jsonl"), unit="iteration", attachments={"samples": samples})

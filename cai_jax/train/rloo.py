@@ -30,6 +30,7 @@ P prompts, K samples per prompt, L = prompt + N response tokens, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -45,6 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 from cai_jax.checkpoints.train_state import CheckpointConfig
 from cai_jax.models import Transformer
+from cai_jax.nn.lora import LoRAConfig
 from cai_jax.sampling import generate
 from cai_jax.sharding import (
     BATCH_AXES,
@@ -60,7 +62,8 @@ from cai_jax.train.fit import Step
 from cai_jax.train.loop import jit_train_step, state_shardings
 from cai_jax.train.ppo_rollout import METRIC_NAMES as PPO_METRIC_NAMES
 from cai_jax.train.ppo_rollout import RewardFn, Rollout, RolloutSource
-from cai_jax.train.rl_common import run_iterations, setup_rollouts
+from cai_jax.train.rl_common import lora_export, run_iterations, setup_rollouts
+from cai_jax.train.rl_lora import adapter_shardings, check_reference, frozen_patterns, lora_state, merged_policy
 from cai_jax.train.rloo_steps import RLOOConfig, rloo_forward, rloo_rewards, rloo_update
 from cai_jax.train.state import OptimConfig, TrainState, make_optimizer
 
@@ -82,21 +85,29 @@ class _Steps(NamedTuple):
 
 
 @functools.lru_cache(maxsize=8)
-def _build(policy_cfg, ref_cfg, cfg: RLOOConfig, ocfg: OptimConfig, mesh, rules, width: int) -> _Steps:
+def _build(
+    policy_cfg, ref_cfg, cfg: RLOOConfig, ocfg: OptimConfig, mesh, rules, width: int, lora: LoRAConfig | None
+) -> _Steps:
     """Shardings and jitted steps for one setup, cached so repeated runs in a process compile once."""
     policy_model, ref_model = Transformer(policy_cfg), Transformer(ref_cfg)
     sample = jax.ShapeDtypeStruct((cfg.micro_batch_size, width + cfg.max_new_tokens), jnp.int32)
     abstract = {"policy": jax.eval_shape(lambda: nn.meta.unbox(policy_model.init(jax.random.key(0), sample)["params"]))}
+    p_shardings = {"policy": param_shardings(policy_model, sample, mesh, rules)}
+    if lora is not None:  # the base stored once and frozen, adapters trained (train/rl_lora.py)
+        abstract = jax.eval_shape(
+            lambda p: lora_state(p, None, policy_cfg, None, lora, jax.random.key(0)), abstract["policy"]
+        )
+        p_shardings = adapter_shardings(p_shardings, abstract, policy_cfg, None, mesh, rules)
+        ocfg = dataclasses.replace(ocfg, frozen=ocfg.frozen + frozen_patterns(abstract))
     optimizer = make_optimizer(ocfg, abstract)
 
     def create(params, rng):
         return TrainState.create(params, optimizer, rng)
 
-    p_shardings = {"policy": param_shardings(policy_model, sample, mesh, rules)}
     shardings = state_shardings(jax.eval_shape(create, abstract, jax.random.key(0)), p_shardings, mesh)
     rows_sh = batch_sharding(mesh)
     forward = jax.jit(
-        functools.partial(rloo_forward, policy_model=policy_model, ref_model=ref_model, cfg=cfg),
+        functools.partial(rloo_forward, policy_model=policy_model, ref_model=ref_model, cfg=cfg, lora=lora),
         in_shardings=(shardings.params, None, rows_sh, rows_sh, rows_sh),
     )
 
@@ -107,7 +118,7 @@ def _build(policy_cfg, ref_cfg, cfg: RLOOConfig, ocfg: OptimConfig, mesh, rules,
     forward_in_mesh.jitted = forward  # for .lower(), as PPO's
 
     update = jit_train_step(
-        functools.partial(rloo_update, policy_model=policy_model, optimizer=optimizer, cfg=cfg),
+        functools.partial(rloo_update, policy_model=policy_model, optimizer=optimizer, cfg=cfg, lora=lora),
         shardings,
         NamedSharding(mesh, P(None, BATCH_AXES)),
         mesh,
@@ -198,6 +209,7 @@ def train_rloo(
     reward_fn: RewardFn | None = None,
     rendering: str | None = None,
     rules: Rules = DEFAULT_RULES,
+    lora: LoRAConfig | None = None,
 ) -> TrainState:
     """Trains `policy` with RLOO against `pm` (or `reward_fn`) for `num_iterations` iterations in total.
 
@@ -221,9 +233,11 @@ def train_rloo(
         (normalised with mean 0 / std 1), used instead of a PM.
       rendering: how text prompts are rendered for the policy ("chat" | "transcript").
       rules: logical-axis rules.
+      lora: train LoRA adapters only, the policy's weights stored once as the frozen base of the
+        policy and of the reference (which must then be `policy`), as `train_ppo`'s.
 
     Returns:
-      The final train state, params {"policy"}.
+      The final train state, params {"policy"} (under LoRA {"policy": {"base", "lora"}}).
 
     Raises:
       FloatingPointError: a non-finite reward or loss, naming the iteration and the last good checkpoint.
@@ -235,18 +249,23 @@ def train_rloo(
         mesh_cfg=mesh_cfg, rules=rules, reward_fn=reward_fn,
     )  # fmt: skip
     mesh, rules, width = setup.mesh, setup.rules, setup.width
-    steps = _build(policy.config, reference.config, cfg, ocfg, mesh, rules, width)
+    check_reference(lora, policy, reference)
+    steps = _build(policy.config, reference.config, cfg, ocfg, mesh, rules, width, lora)
+    params = {"policy": policy.params}
+    if lora is not None:
+        params = lora_state(policy.params, None, policy.config, None, lora, jax.random.fold_in(jax.random.key(seed), 2))
     # A copy: the first update donates the state, and the caller's params (often the reference too) must survive.
-    params = jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get({"policy": policy.params}))
+    params = jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(params))
     state = steps.create(shard_params(params, steps.shardings.params), jax.random.key(seed))
     del params
+    ref_params = None if lora is not None else shard_params(reference.params, steps.ref_shardings)
     source = RLOOSource(
-        steps, shard_params(reference.params, steps.ref_shardings), setup.reward_fn, setup.score_norm, cfg,
-        stream=setup.stream, conversations=setup.conversations, width=width, pad=int(policy.config.pad_token_id or 0),
-        policy=policy, sampler=generate,
+        steps, ref_params, setup.reward_fn, setup.score_norm, cfg, stream=setup.stream,
+        conversations=setup.conversations, width=width, pad=int(policy.config.pad_token_id or 0), policy=policy,
+        sampler=generate, merge=functools.partial(merged_policy, lora=lora),
     )  # fmt: skip
     update = functools.partial(update_on_rollout, update=steps.update, cfg=cfg, seed=seed)
     return run_iterations(
         "RLOO", source, update, state, policy=policy, workdir=workdir, ckpt_cfg=ckpt_cfg,
-        num_iterations=num_iterations, export_at=export_at, export_dir=export_dir,
+        num_iterations=num_iterations, export_at=export_at, export_dir=export_dir, export=lora_export(policy, lora),
     )  # fmt: skip

@@ -18,8 +18,9 @@ import jax.numpy as jnp
 from cai_jax.rl_losses import entropy_from_logits, ppo_rewards, rloo_advantages
 from cai_jax.scoring import token_logprobs
 from cai_jax.train.ppo_steps import KL_ESTIMATORS
+from cai_jax.train.rl_lora import policy_params, reference_params
 from cai_jax.train.state import Optimizer, TrainState, strict_fields
-from cai_jax.train.steps import _apply
+from cai_jax.train.steps import _apply, accumulated_grads
 
 __all__ = ["RLOOConfig", "rloo_forward", "rloo_rewards", "rloo_update"]
 
@@ -100,8 +101,11 @@ def _response_logits_logp(params, tokens_BL, mask_BL, *, model: nn.Module, n: in
     return logits_BNV, token_logprobs(logits_BNV, tokens_BL[:, p:])
 
 
-def rloo_forward(params, ref_params, tokens_BL, mask_BL, resp_mask_BN, *, policy_model, ref_model, cfg: RLOOConfig):
-    """Teacher-forced log-probs of a rollout chunk under the rollout policy and the reference.
+def rloo_forward(
+    params, ref_params, tokens_BL, mask_BL, resp_mask_BN, *, policy_model, ref_model, cfg: RLOOConfig, lora=None
+):
+    """Teacher-forced log-probs of a rollout chunk under the rollout policy and the reference (under
+    LoRA, `lora` set, `ref_params` is None and the reference is the policy's frozen base).
 
     Returns:
       {"logp", "ref_logp"} [B, N] (0 at padding), "entropy_sum" (summed over response tokens, nats)
@@ -109,9 +113,10 @@ def rloo_forward(params, ref_params, tokens_BL, mask_BL, resp_mask_BN, *, policy
     """
     n, t = cfg.max_new_tokens, cfg.temperature
     logits_BNV, logp_BN = _response_logits_logp(
-        params["policy"], tokens_BL, mask_BL, model=policy_model, n=n, temperature=t
+        policy_params(params["policy"], lora), tokens_BL, mask_BL, model=policy_model, n=n, temperature=t
     )
-    _, ref_logp_BN = _response_logits_logp(ref_params, tokens_BL, mask_BL, model=ref_model, n=n, temperature=t)
+    ref = reference_params(params, ref_params, lora)
+    _, ref_logp_BN = _response_logits_logp(ref, tokens_BL, mask_BL, model=ref_model, n=n, temperature=t)
     keep_BN = resp_mask_BN.astype(bool)
     count = jnp.sum(resp_mask_BN.astype(jnp.float32))
     return {
@@ -143,7 +148,7 @@ def rloo_rewards(
 
 
 def rloo_update(
-    state: TrainState, minibatch: dict, *, policy_model, optimizer: Optimizer, cfg: RLOOConfig
+    state: TrainState, minibatch: dict, *, policy_model, optimizer: Optimizer, cfg: RLOOConfig, lora=None
 ) -> tuple[TrainState, dict]:
     """One optimizer update on -mean_i A_i sum_t log pi(y_i,t), accumulated over micro-batches.
 
@@ -160,7 +165,7 @@ def rloo_update(
 
     def loss_fn(params, mb):
         _, logp_BN = _response_logits_logp(
-            params["policy"], mb["tokens"], mb["mask"], model=policy_model, n=cfg.max_new_tokens,
+            policy_params(params["policy"], lora), mb["tokens"], mb["mask"], model=policy_model, n=cfg.max_new_tokens,
             temperature=cfg.temperature,
         )  # fmt: skip
         keep_BN = mb["resp_mask"].astype(bool)
@@ -171,13 +176,6 @@ def rloo_update(
         sg = jax.lax.stop_gradient(loss)
         return loss, {"loss": sg, "loss/policy": sg, "policy/approxkl": approxkl}
 
-    grad_fn = jax.grad(loss_fn, has_aux=True)
-
-    def micro(acc, mb):
-        return jax.tree.map(jnp.add, acc, grad_fn(state.params, mb)), None
-
-    zeros = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], minibatch))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-    (grads, metrics), _ = jax.lax.scan(micro, zeros, minibatch)
+    grads, metrics = accumulated_grads(loss_fn, state.params, minibatch, optimizer.trainable)
     state, opt_metrics = _apply(state, grads, optimizer)
     return state, {**metrics, **opt_metrics}

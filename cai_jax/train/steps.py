@@ -38,6 +38,38 @@ def _trainable_norm(grads, trainable) -> jax.Array:
     return _norm(kept)
 
 
+def accumulated_grads(loss_fn, params, minibatch: dict, trainable) -> tuple:
+    """Gradients and metrics of `loss_fn(params, mb) -> (loss, metrics)` summed over the leading
+    (micro-batch) axis of `minibatch`, by a scan.
+
+    Only the trainable leaves (`Optimizer.trainable`) are differentiated and accumulated; a frozen
+    leaf's gradient is zeros made after the scan, so a frozen LoRA base costs no gradient memory.
+
+    Returns:
+      (grads like `params`, summed metrics).
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    flags = [bool(f) for f in jax.tree.leaves(trainable)]
+    if len(flags) != len(leaves):
+        raise ValueError(f"the trainable mask has {len(flags)} leaves, the params {len(leaves)}")
+    train = [x for x, f in zip(leaves, flags) if f]
+    frozen = [x for x, f in zip(leaves, flags) if not f]
+
+    def join(t, fr):
+        t, fr = iter(t), iter(fr)
+        return jax.tree.unflatten(treedef, [next(t) if f else next(fr) for f in flags])
+
+    grad_fn = jax.grad(lambda t, mb: loss_fn(join(t, frozen), mb), has_aux=True)
+
+    def micro(acc, mb):
+        return jax.tree.map(jnp.add, acc, grad_fn(train, mb)), None
+
+    zeros = jax.eval_shape(grad_fn, train, jax.tree.map(lambda x: x[0], minibatch))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+    (grads, metrics), _ = jax.lax.scan(micro, zeros, minibatch)
+    return join(grads, [jnp.zeros_like(x) for x in frozen]), metrics
+
+
 def _apply(state: TrainState, grads, optimizer: Optimizer) -> tuple[TrainState, dict]:
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
