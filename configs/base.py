@@ -53,6 +53,20 @@ def get_config(arg=None):
         ),
         dtype="float32",  # matmul input dtype (bfloat16 on accelerators); accumulation is fp32
         param_dtype="float32",  # master weights
+        # LoRA adapters (Hu et al. 2021) for SL-CAI and RL-CAI: rank 0 trains every weight. With
+        # rank > 0, sft trains adapters on the starting model and exports it merged (plus the
+        # adapters alone in PEFT's layout in sft/adapter); ppo / rloo put fresh adapters on the
+        # SL-CAI model, which is stored once as the frozen base of the policy, the reference and
+        # the value model. dpo / ipo refuse it. Read only by sft and ppo (and in their hashes).
+        lora=dict(
+            rank=0,
+            alpha=16.0,  # the update is scaled by alpha / rank
+            dropout=0.0,  # only 0 (the adapters are merged into the weights before each forward)
+            target_modules=[  # regexes over "/"-joined param paths: q, k, v, o, gate, up, down
+                r"self_attn/(q_proj|k_proj|v_proj|o_proj)/kernel$",
+                r"mlp/(gate_proj|up_proj|down_proj)/kernel$",
+            ],
+        ),
     )
     # The feedback model answers the multiple-choice questions; the paper uses a pretrained LM, not
     # the policy. "" = the same checkpoint as model.name (before SL-CAI fine-tuning).

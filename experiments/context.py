@@ -22,6 +22,8 @@ import numpy as np
 __all__ = [
     "RandomModel",
     "ModelSpec",
+    "LoRASpec",
+    "TunedModelSpec",
     "PromptsSpec",
     "MeshSpec",
     "CheckpointSpec",
@@ -77,6 +79,37 @@ class ModelSpec:
     def __post_init__(self):
         if self.init not in ("pretrained", "random"):
             raise ValueError(f"model.init={self.init!r}; expected pretrained or random")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASpec:
+    """`model.lora`: LoRA adapters for the stages that fine-tune the policy (sft, ppo); rank 0 = off."""
+
+    rank: int  # 0 = full fine-tuning
+    alpha: float  # the update is scaled by alpha / rank
+    dropout: float  # only 0 is supported (cai_jax/nn/lora.py)
+    target_modules: tuple[str, ...]  # regexes over "/"-joined param paths
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ValueError(f"model.lora.rank={self.rank} must be >= 0 (0 = full fine-tuning)")
+        self.config()  # checks the other fields when LoRA is on
+
+    def config(self):
+        """The `nn.lora.LoRAConfig`, or None at rank 0."""
+        from cai_jax.nn.lora import LoRAConfig
+
+        if self.rank == 0:
+            return None
+        return LoRAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules)
+
+
+@dataclasses.dataclass(frozen=True)
+class TunedModelSpec(ModelSpec):
+    """The `model` section as the stages that fine-tune the policy read it: `ModelSpec` and `lora`
+    (only these stages' hashes cover model.lora)."""
+
+    lora: LoRASpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +205,7 @@ def load_base_model(ctx: StageContext, m: ModelSpec, seed: int, name: str | None
     from cai_jax.models.loading import resolve_model_path
 
     name = name or m.name
-    key = ("base", name, m, seed)
+    key = ("base", name, m.init, m.random_config, m.dtype, m.param_dtype, seed)  # one load for every spec kind
     if key in ctx.cache:
         return ctx.cache[key]
     if m.init == "pretrained":

@@ -25,6 +25,7 @@ from cai_jax.models import ScalarModel, Transformer
 from cai_jax.planning import bytes_per_device, compile_cost
 from cai_jax.sharding import BATCH_AXES, abstract_params, batch_sharding
 from cai_jax.text import bucket_length
+from cai_jax.train.rl_lora import lora_state, merged_policy
 from experiments.plan_kit import (
     Held,
     PlanContext,
@@ -124,12 +125,13 @@ def plan_ppo(ctx: PlanContext) -> StagePlan:
 
     c = ctx.configs["ppo"].ppo
     cfg = c.settings
+    lora = ctx.configs["ppo"].model.lora.config()
     policy_cfg, pm_cfg = ctx.base, ctx.pm
     value_cfg = pm_cfg if cfg.value_init == "pm" else policy_cfg
     _, held_policy = loaded(ctx, Transformer(policy_cfg), "policy (sft/export)")
     _, held_pm = loaded(ctx, ScalarModel(pm_cfg), "PM (pm/export)")
     width, n, micro = bucket_length(ctx.prompt_tokens, 16), cfg.max_new_tokens, cfg.micro_batch_size
-    steps = _build(policy_cfg, policy_cfg, value_cfg, cfg, c.optimizer(), ctx.mesh, ctx.rules, width)
+    steps = _build(policy_cfg, policy_cfg, value_cfg, cfg, c.optimizer(), ctx.mesh, ctx.rules, width, lora)
     sample = _tokens((micro, width + n))
     params = {
         "policy": abstract_params(Transformer(policy_cfg), sample, ctx.mesh, ctx.rules),
@@ -137,15 +139,34 @@ def plan_ppo(ctx: PlanContext) -> StagePlan:
     }
     if cfg.shared_backbone:
         params["value"] = {"head": params["value"]["head"]}
+    if lora is not None:  # one frozen base for policy, reference (and value), adapters (train/rl_lora.py)
+        params = jax.eval_shape(
+            functools.partial(
+                lora_state, policy_cfg=policy_cfg, value_cfg=value_cfg, lora=lora, key=jax.random.key(0),
+                value_from_policy=cfg.value_init == "policy",
+            ),
+            params["policy"], params["value"],
+        )  # fmt: skip
     state = jax.eval_shape(steps.create, params, jax.random.key(0))
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, steps.shardings)
-    ref = abstract_params(Transformer(policy_cfg), sample, ctx.mesh, ctx.rules)
     pm = abstract_params(ScalarModel(pm_cfg), _tokens((micro, 16)), ctx.mesh, ctx.rules)
+    if lora is None:
+        ref = abstract_params(Transformer(policy_cfg), sample, ctx.mesh, ctx.rules)
+        held_ref = Held("reference (sharded)", bytes_per_device(ref))
+        sampled = state.params["policy"]
+    else:  # the reference is the base; the sampler reads a merged copy of the policy
+        ref = None
+        sampled = jax.eval_shape(functools.partial(merged_policy, lora=lora), state.params["policy"])
+        sampled = jax.tree.map(
+            lambda x, b: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=b.sharding),
+            sampled, state.params["policy"]["base"],
+        )  # fmt: skip
+        held_ref = Held("merged policy for the sampler", bytes_per_device(sampled))
     held = (
         held_policy,
         held_pm,
         Held("policy + value train state", bytes_per_device(state.params), bytes_per_device(state.opt_state)),
-        Held("reference (sharded)", bytes_per_device(ref)),
+        held_ref,
         Held("PM (sharded by PMReward)", bytes_per_device(pm)),
     )
     rollout, chunks = cfg.rollout_batch_size, cfg.rollout_batch_size / micro
@@ -166,7 +187,7 @@ def plan_ppo(ctx: PlanContext) -> StagePlan:
             ctx,
             "sampler (rollouts)",
             policy_cfg,
-            state.params["policy"],
+            sampled,
             rows=gen,
             distinct=gen,
             longest=width,

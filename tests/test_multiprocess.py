@@ -15,6 +15,10 @@ TOL = 1e-5  # same maths over 4 devices in 2 processes vs 2 devices in 1; only r
 # fraction of lr differently; observed 2e-5 at most (embedding rows), most entries within 1e-6.
 PARAM_ATOL = 1e-4  # a tenth of one update
 TIMING = ("time/", "rollout/logprob_diff")  # wall clock, and the max of a float32 noise difference
+# PPO's metrics after an update, as tests/test_ppo_sharded.py bounds a sharded PPO against one
+# device: objective/kl is a mean of log-prob differences whose float32 error scales with the
+# log-probs (~5 nats), not with the small KL; measured here 1.3e-6 absolute (2.2e-5 relative) at step 2.
+PPO_RTOL, PPO_ATOL = 1e-4, 1e-5
 
 
 def _free_port() -> int:
@@ -75,7 +79,7 @@ def test_ppo_in_two_processes_resumed_matches_one_process(tmp_path):
             if isinstance(value, str):
                 assert value == b[key], key
                 continue
-            np.testing.assert_allclose(b[key], value, rtol=TOL, atol=1e-7, err_msg=f"step {a['step']} {key}")
+            np.testing.assert_allclose(b[key], value, rtol=PPO_RTOL, atol=PPO_ATOL, err_msg=f"step {a['step']} {key}")
     samples_one, samples_two = _rows(one, "samples.jsonl"), _rows(two, "samples.jsonl")
     assert [s["response"] for s in samples_two] == [s["response"] for s in samples_one]  # the same draws
     np.testing.assert_allclose([s["score"] for s in samples_two], [s["score"] for s in samples_one], rtol=TOL)

@@ -91,6 +91,34 @@ def test_tiny_plan_on_8_devices_matches_a_hand_count(tmp_path):
     assert "| sft | sft step | 8 x 96 tokens |" in r.stdout
 
 
+# LoRA adapters at rank 4 per layer, per device on fsdp=8 (the `embed` dimension split 8 ways, the
+# rank axis and heads / mlp (tensor = 1) whole): q: A [E, r] / 8 + B [r, H, D]; k, v: A + B [r, K, D];
+# o: A [H, D, r] + B [r, E] / 8; gate, up: A + B [r, M]; down: A [M, r] + B / 8.
+R = 4
+ADAPTERS = 4 * LAYERS * (
+    (E * R // 8 + R * H * D) + 2 * (E * R // 8 + R * K * D) + (H * D * R + R * E // 8)
+    + 2 * (E * R // 8 + R * M) + (M * R + R * E // 8)
+)  # fmt: skip
+
+
+@pytest.mark.slow  # ~70 s: the PPO stage's 4 compiles of the tiny model
+def test_ppo_plan_with_lora_holds_one_base_and_trains_adapters_only(tmp_path):
+    out = tmp_path / "plan.json"
+    r = _plan(
+        "--config", "configs/tiny.py", "--devices", "8", "--device-kind", "h100-80gb", "--json", str(out),
+        "--stages", "ppo", f"--config.model.lora.rank={R}", *TINY_8,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    ppo = json.loads(out.read_text())["stages"]["ppo"]
+    # Loaded policy and PM; the state: policy base + adapters, the value's PM backbone + adapters
+    # + head; no reference copy (the base is it), a merged policy for the sampler; PM on the mesh.
+    state = (SHARD + ADAPTERS) + (SHARD_PM + ADAPTERS)
+    assert ppo["params_bytes"] == FULL + FULL_PM + state + SHARD + SHARD_PM
+    # Adam's moments of the adapters and the value head only (full fine-tuning: 2 * (SHARD + SHARD_PM)).
+    assert ppo["opt_state_bytes"] == 2 * (2 * ADAPTERS + 4 * (E // FSDP + 1)) + COUNTS
+    assert "merged policy for the sampler" in r.stdout and "reference (sharded)" not in r.stdout
+
+
 @pytest.mark.slow  # ~40 s: one compile of the 32-layer model
 def test_8b_on_one_16gb_device_does_not_fit_by_its_train_state(tmp_path):
     out = tmp_path / "plan.json"

@@ -102,6 +102,7 @@ def test_stages_receive_no_config_dict():
         (("feedback.num_prompts", 3), {"feedback", "eval"}),
         (("mesh.data", 2), set()),
         (("rl.algorithm", "rloo"), {"ppo"}),  # the RL objective: only the stage that trains with it
+        (("model.lora.rank", 4), {"sft", "ppo"}),  # LoRA: only the stages that fine-tune the policy
     ],
 )
 def test_a_changed_field_changes_the_hash_of_exactly_the_stages_that_read_it(override, reruns):
@@ -134,3 +135,20 @@ def test_only_the_chosen_objectives_section_is_in_the_rl_stages_hash():
         for override in unread:
             assert stage_hashes(apply_overrides(chosen, [override]), REGISTRY)["ppo"] == before, (algorithm, override)
         assert stage_hashes(apply_overrides(chosen, [read]), REGISTRY)["ppo"] != before, (algorithm, read)
+
+
+def test_lora_config_reaches_sft_and_ppo_and_dpo_refuses_it():
+    from experiments.stages import ppo, sft
+    from experiments.typed import ConfigError
+
+    cfg = load_config("configs/tiny.py")
+    assert sft.Config.build(cfg).model.lora.config() is None and sft.Config.build(cfg).exports() == ["export"]
+    on = apply_overrides(cfg, [("model.lora.rank", 4)])
+    lora = ppo.Config.build(on).model.lora.config()
+    assert (lora.rank, lora.alpha, len(lora.target_modules)) == (4, 16.0, 2)
+    assert sft.Config.build(on).exports() == ["export", "adapter"]  # the PEFT folder is checked on skip too
+    for algorithm in ("dpo", "ipo"):
+        with pytest.raises(ConfigError, match=f"model.lora.rank=4 with rl.algorithm='{algorithm}'"):
+            ppo.Config.build(apply_overrides(on, [("rl.algorithm", algorithm)]))
+    with pytest.raises(ConfigError, match="model.lora.rank=-1"):
+        sft.Config.build(apply_overrides(cfg, [("model.lora.rank", -1)]))

@@ -13,7 +13,9 @@ Every objective writes `ppo/snapshots/iter_<k>` (k: PPO / RLOO iterations, DPO /
 steps), `ppo/metrics.jsonl` with PPO's metric names and `ppo/samples.jsonl`; one training call
 exports every snapshot on the way (a checkpoint is forced there, so a resumed run never skips an
 export). The stage's config holds only the chosen objective's section, so its hash covers exactly
-what it reads.
+what it reads. With `model.lora.rank > 0`, PPO and RLOO train fresh adapters on the SL-CAI model
+(stored once as the frozen base of policy, reference and value model, `cai_jax.train.rl_lora`);
+each snapshot is the merged model, with the adapters alone in PEFT's layout in its `adapter/`.
 """
 
 from __future__ import annotations
@@ -25,15 +27,15 @@ from typing import Any
 from cai_jax.train.ppo_steps import PPOConfig
 from cai_jax.train.rloo_steps import RLOOConfig
 from experiments.context import (
-    ModelSpec,
     PromptsSpec,
     StageContext,
+    TunedModelSpec,
     load_exported,
     load_prompt_split,
     read_jsonl,
     stage_seed,
 )
-from experiments.typed import inline, take
+from experiments.typed import ConfigError, inline, take
 
 ALGORITHMS = {"ppo": "ppo", "rloo": "rloo", "dpo": "dpo", "ipo": "dpo"}  # objective -> its config section
 
@@ -112,7 +114,7 @@ class PolicyRendering:
 @dataclasses.dataclass(frozen=True)
 class Common:
     seed: int
-    model: ModelSpec
+    model: TunedModelSpec
     prompts: PromptsSpec
     sft: PolicyRendering
     eval: Snapshots
@@ -121,7 +123,7 @@ class Common:
 @dataclasses.dataclass(frozen=True)
 class Config:
     seed: int
-    model: ModelSpec
+    model: TunedModelSpec
     prompts: PromptsSpec
     sft: PolicyRendering
     eval: Snapshots
@@ -135,6 +137,11 @@ class Config:
         """The common fields, `rl` and the chosen objective's section (others None: unread, unhashed)."""
         rl = take(RL, cfg.rl, "rl")
         common = take(Common, cfg, "config")
+        if common.model.lora.rank and ALGORITHMS[rl.algorithm] == "dpo":
+            raise ConfigError(
+                f"model.lora.rank={common.model.lora.rank} with rl.algorithm={rl.algorithm!r}: DPO / IPO train "
+                "every weight; set model.lora.rank=0, or use rl.algorithm=ppo or rloo with LoRA"
+            )
         section = ALGORITHMS[rl.algorithm]
         chosen = {
             "ppo": take(PPO, cfg.ppo, "ppo") if section in ("ppo", "dpo") else None,
@@ -183,14 +190,14 @@ def run(ctx: StageContext, cfg: Config) -> dict:
 
         train_ppo(
             policy, policy, pm, prompts, ppo_cfg=o.settings, optim_cfg=o.optimizer(),
-            num_iterations=o.num_iterations, **common,
+            num_iterations=o.num_iterations, lora=cfg.model.lora.config(), **common,
         )  # fmt: skip
     elif cfg.rl.algorithm == "rloo":
         from cai_jax.train.rloo import train_rloo
 
         train_rloo(
             policy, policy, pm, prompts, rloo_cfg=o.settings, optim_cfg=o.optimizer(),
-            num_iterations=o.num_iterations, **common,
+            num_iterations=o.num_iterations, lora=cfg.model.lora.config(), **common,
         )  # fmt: skip
     else:
         from cai_jax.train.dpo import DPOConfig, train_dpo

@@ -1,7 +1,9 @@
 """Stage 2, sft: fine-tune the starting model on SL-CAI-n revisions mixed with helpful samples
 (paper sec. 3.1), loss on the response tokens -> the SL-CAI model in `sft/export`.
 
-Writes `sft/export` (HF-format folder), `sft/metrics.jsonl` and, while running, `sft/checkpoints`.
+Writes `sft/export` (HF-format folder), `sft/metrics.jsonl` and, while running, `sft/checkpoints`;
+with `model.lora.rank > 0` only adapters train, `sft/export` is the merged model and `sft/adapter`
+the adapters alone in PEFT's layout (adapter_config.json + adapter_model.safetensors).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from experiments.context import ModelSpec, StageContext, load_base_model, read_jsonl, stage_seed
+from experiments.context import StageContext, TunedModelSpec, load_base_model, read_jsonl, stage_seed
 from experiments.typed import take
 
 
@@ -36,7 +38,7 @@ class SFT:
 @dataclasses.dataclass(frozen=True)
 class Config:
     seed: int
-    model: ModelSpec
+    model: TunedModelSpec
     sft: SFT
 
     @classmethod
@@ -44,8 +46,9 @@ class Config:
         return take(cls, cfg, "config")
 
     def exports(self) -> list[str]:
-        """The model folders this stage writes (the pipeline checks their completion marker on skip)."""
-        return ["export"]
+        """The model folders this stage writes (the pipeline checks their completion marker on skip):
+        the merged model, and under LoRA the adapters alone in PEFT's layout."""
+        return ["export"] + (["adapter"] if self.model.lora.rank else [])
 
     def preflight(self) -> None:
         """The starting model (fine-tuned here) resolves (experiments/preflight.py)."""
@@ -80,7 +83,8 @@ def run(ctx: StageContext, cfg: Config) -> dict:
     if s.packing:
         probe = SFTBatcher(examples, batch_size=1, seq_len=s.seq_len, seed=seed, pad_id=pad, packing=True)
         rows = min(len(probe.rows(epoch)) for epoch in range(4))  # packed row counts vary a little by epoch
-    train_sft(
+    lora = cfg.model.lora.config()
+    state = train_sft(
         lm.model,
         lm.params,
         examples,
@@ -96,7 +100,17 @@ def run(ctx: StageContext, cfg: Config) -> dict:
         export_dir=ctx.dir / "export",
         tokenizer=lm.tokenizer,
         **({"packing": True} if s.packing else {}),
+        **({"lora": lora} if lora is not None else {}),
     )
+    if lora is not None:
+        import jax
+
+        from cai_jax.checkpoints.peft import save_peft_adapters
+        from cai_jax.train.loop import gather_to_host
+
+        adapters = gather_to_host(state.params["lora"])
+        if jax.process_index() == 0:
+            save_peft_adapters(ctx.dir / "adapter", lm.config, adapters, lora, base_model_name_or_path=cfg.model.name)
     metrics = read_jsonl(ctx.dir / "metrics.jsonl")
     sources: dict[str, int] = {}
     for e in examples:
