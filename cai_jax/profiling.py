@@ -49,7 +49,7 @@ COMPILE_EVENTS = frozenset(
 )
 
 _lock = threading.Lock()
-_totals = dict.fromkeys(("compile", *PHASES), 0.0)  # seconds since the process started
+_totals = dict.fromkeys(("compile", *PHASES), 0.0)  # seconds so far in this process (compile: since `install`)
 _local = threading.local()  # .frames: open phases of this thread; .depth: open compile events
 _installed = False
 _clock = time.perf_counter  # a test may substitute its own
