@@ -50,7 +50,7 @@ MAX_ROWS = 2000  # rows per section (revisions of one kind, comparisons, samples
 # Where each artifact lives (first matching pattern wins); README.md "Run folder" and "The stages".
 ARTIFACTS = (
     ("config.json", "the resolved config of the run"),
-    ("timings.json", "wall time of each stage"),
+    ("timings.json", "wall time of each stage and where it went (compile, checkpoints, exports, loads)"),
     ("report.md", "the report: what the run shows, figures, tables with intervals"),
     ("report.html", "this page"),
     ("*/DONE", "stage finished: its config hash, wall time and summary"),
@@ -244,7 +244,9 @@ def render_explorer(run: RunData) -> str:
     """The page's HTML for a loaded run (see `write_explorer`)."""
     principles = sorted({r["principle_id"] for rows in run.revisions.values() for row in rows for r in row["rounds"]})
     comparisons = _comparisons(run)
-    seconds = sum(t for _, t, _ in run.timings)
+    timings = T.stage_timings_table(
+        {n: t for n, t, _ in run.timings}, run.profile, resumed={n for n, _, r in run.timings if r}
+    )
     return (
         _environment()
         .get_template("explorer.html")
@@ -261,8 +263,7 @@ def render_explorer(run: RunData) -> str:
             tables=T.run_tables(run),
             figures=_figures(run),
             eval_kinds=sorted({k for r in run.eval_responses.values() for k in r}),
-            timings=[(n, t, r, 100 * t / seconds if seconds else 0.0) for n, t, r in run.timings],
-            total_seconds=seconds,
+            timings=timings if run.timings else None,
             artifacts=_artifacts(run),
             config_json=json.dumps(run.config, indent=2, sort_keys=False, default=str),
             records_json={k: json.dumps(v.get("summary", {}), indent=1, default=str) for k, v in run.records.items()},

@@ -17,6 +17,7 @@ import numpy as np
 
 from cai_jax import atomic
 from experiments.figures import _mapping
+from experiments.tables import stage_timings_table
 
 __all__ = ["label_ablation_table", "write_report"]
 
@@ -52,6 +53,13 @@ def label_ablation_table(results: Mapping[str, Mapping[str, float]], *, metrics=
     return "\n".join(lines)
 
 
+def _timings_table(stage_timings: Mapping[str, float], stage_profile: Mapping[str, Mapping]) -> list[str]:
+    header, rows = stage_timings_table(stage_timings, stage_profile)
+    rows[-1][0] = f"**{rows[-1][0]}**"
+    row = lambda cells: "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+    return [row(header), "|---|" + "---:|" * (len(header) - 1)] + [row(r) for r in rows]
+
+
 def write_report(
     path,
     *,
@@ -62,9 +70,10 @@ def write_report(
     notes: Sequence[str] = (),
     title: str = "Constitutional AI run report",
     findings: Sequence[str] = (),
+    stage_profile: Mapping[str, Mapping] | None = None,
 ):
-    """Writes report.md: what the run shows, stage wall times, figures (by relative path), tables,
-    notes and the config.
+    """Writes report.md: what the run shows, stage wall times (and where they went), figures (by
+    relative path), tables, notes and the config.
 
     Args:
       path: the .md file to write (parent folders are created).
@@ -76,6 +85,9 @@ def write_report(
       tables: {title: markdown table}.
       notes: free-text lines, written as a list.
       findings: generated statements ("what this run shows"), written as a list first.
+      stage_profile: {stage: timings.json's profile of it} ("compile_s", "checkpoint_s",
+        "export_s", "load_s", "run_s", "cache": {"hits", "misses"}; cai_jax/profiling.py): one
+        column each beside the wall time; a stage without one shows "-".
     """
     path = Path(path)
     if path.suffix.lower() != ".md":
@@ -93,12 +105,7 @@ def write_report(
         out += ["## What this run shows", ""] + [f"- {f}" for f in findings] + [""]
     out += ["## Stage timings (pipeline order)", ""]
     if stage_timings:
-        total = float(sum(stage_timings.values()))
-        out += ["| stage | wall time (s) | share |", "|---|---:|---:|"]
-        for name, s in stage_timings.items():
-            share = f"{100 * s / total:.1f}%" if total > 0 else "-"
-            out.append(f"| {name} | {float(s):.1f} | {share} |")
-        out.append(f"| **total** | {total:.1f} | |")
+        out += _timings_table(stage_timings, _mapping("stage_profile", stage_profile or {}))
     else:
         out.append("No stage ran.")
     out += ["", "## Figures", ""]

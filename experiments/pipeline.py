@@ -31,7 +31,7 @@ from typing import Any
 
 import ml_collections
 
-from cai_jax import atomic
+from cai_jax import atomic, profiling
 from experiments.config_util import to_json
 from experiments.context import RunSettings, StageContext
 from experiments.failures import StageFailed
@@ -304,7 +304,7 @@ def _run_stages(workdir, selected, by_name, configs, hashes, present, done, sett
         if primary and not resumed:
             _write_json(folder / "STARTED", {"hash": h, "time": time.time()})
         print(f"[launch] stage {name} ({'resuming' if resumed else 'starting'}; hash {h})", flush=True)
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), profiling.snapshot()
         stage = by_name[name]
         ctx = StageContext(workdir, name, settings, cache, used_deps(stage, hashes, present))
         try:
@@ -318,7 +318,8 @@ def _run_stages(workdir, selected, by_name, configs, hashes, present, done, sett
             gc.collect()
         seconds = time.perf_counter() - t0
         record = {"hash": h, "seconds": round(seconds, 2), "resumed": resumed, "summary": summary}
-        timings[name] = {"seconds": round(seconds, 2), "resumed": resumed}
+        profile = profiling.since(before, seconds)
+        timings[name] = {"seconds": round(seconds, 2), "resumed": resumed, **profile}
         if primary:
             _write_json(folder / "DONE", record)
             _write_json(timings_file, timings)
@@ -336,6 +337,7 @@ def _run_stages(workdir, selected, by_name, configs, hashes, present, done, sett
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(f"stage {name} done")
-        print(f"[launch] stage {name} finished in {seconds:.1f} s", flush=True)
+        parts = ", ".join(f"{key[:-2]} {profile[key]:.1f}" for key in profiling.COLUMNS)
+        print(f"[launch] stage {name} finished in {seconds:.1f} s ({parts} s)", flush=True)
         records[name] = record
     return records

@@ -122,6 +122,7 @@ def write_run_report(workdir: Path) -> dict:
         tables=tables,
         notes=notes,
         findings=F.findings(run),
+        stage_profile={name: p for name, p in run.profile.items() if name in stage_timings},
     )
     # The captions travel with the figures, so report.html (rewritten from the folder alone) has them.
     if made:

@@ -5,7 +5,9 @@ imported from the stages, so this works on a copied folder, on another machine, 
 artifact is optional: a stage that did not run, or a future artifact that is absent, reads as empty.
 
 Artifacts read (paths relative to the workdir):
-  config.json, timings.json, <stage>/DONE
+  config.json, <stage>/DONE
+  timings.json                           {stage: {seconds, resumed, compile_s, checkpoint_s,
+                                         export_s, load_s, run_s, cache: {hits, misses}}}
   revisions/<kind>/rows-p*-b*.jsonl      one row per prompt: id, prompt, initial_response,
                                          rounds [{principle_id, critique_request, critique,
                                          revision_request, revision}]
@@ -77,6 +79,7 @@ class RunData:
     workdir: Path
     config: dict
     timings: list[tuple[str, float, bool]]  # (stage, seconds, resumed) in pipeline order
+    profile: dict[str, dict]  # stage -> compile_s, checkpoint_s, ..., run_s, cache (stages timed with them)
     records: dict[str, dict]  # stage -> DONE record, pipeline order
     revisions: dict[str, list[dict]]  # kind (red_team, helpful) -> rows
     comparisons: list[dict]
@@ -149,11 +152,13 @@ def load_run(workdir: str | os.PathLike, *, limit: int | None = None) -> RunData
     workdir = Path(workdir)
     config = _json(workdir / "config.json") or {}
     raw_timings = _json(workdir / "timings.json") or {}
-    timings = []
+    timings, profile = [], {}
     for name in _stage_order(raw_timings):
         t = raw_timings[name]
         seconds, resumed = (t.get("seconds"), bool(t.get("resumed"))) if isinstance(t, dict) else (t, False)
         timings.append((name, float(seconds), resumed))
+        if isinstance(t, dict) and "run_s" in t:  # written before the launcher profiled stages: none
+            profile[name] = {k: v for k, v in t.items() if k not in ("seconds", "resumed")}
     stage_dirs = [p.name for p in workdir.iterdir() if (p / "DONE").is_file()] if workdir.is_dir() else []
     records = {name: _json(workdir / name / "DONE") or {} for name in _stage_order(stage_dirs)}
     totals: dict[str, int] = {}
@@ -183,6 +188,7 @@ def load_run(workdir: str | os.PathLike, *, limit: int | None = None) -> RunData
         workdir=workdir,
         config=config,
         timings=timings,
+        profile=profile,
         records=records,
         revisions=revisions,
         comparisons=comparisons,

@@ -7,14 +7,16 @@ its 95% interval (experiments/stats.py) and its n in a column or cell of its own
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Mapping
 from typing import Any
 
+from cai_jax import profiling
 from cai_jax.eval.judge_report import judge_report_tables, mc_table
 from experiments import findings as F
 from experiments.run_folder import RunData
 from experiments.stats import Estimate
 
-__all__ = ["Table", "run_tables"]
+__all__ = ["Table", "run_tables", "stage_timings_table"]
 
 Table = tuple[list[str], list[list[Any]]]
 
@@ -113,6 +115,40 @@ def run_tables(run: RunData) -> dict[str, Table]:
     if mc:
         tables["Judge on the multiple-choice files, in both option orders (swap-debiased)"] = mc_table(mc)
     return tables
+
+
+def _seconds(x) -> str:
+    return "-" if x is None else f"{float(x):.1f}"
+
+
+def stage_timings_table(
+    stage_timings: Mapping[str, float], stage_profile: Mapping[str, Mapping], resumed: Collection[str] | None = None
+) -> Table:
+    """Wall time and share of each stage, then "total"; with timings.json's profile columns
+    (compile, checkpoint, export, load, run seconds and persistent-cache hits / misses;
+    cai_jax/profiling.py) when any stage has a profile ("-" for one without), and a "resumed"
+    column when `resumed` (the names of the resumed stages) is given. Cells are strings."""
+    total = float(sum(stage_timings.values()))
+    columns = profiling.COLUMNS if stage_profile else ()
+    header = ["stage", "wall time (s)", "share"] + (["resumed"] if resumed is not None else [])
+    header += [f"{c[:-2]} (s)" for c in columns] + (["cache hits / misses"] if columns else [])
+    sums = dict.fromkeys((*columns, "hits", "misses"), 0.0)
+    rows = []
+    for name, seconds in stage_timings.items():
+        row = [name, _seconds(seconds), f"{100 * seconds / total:.1f}%" if total > 0 else "-"]
+        row += [] if resumed is None else ["yes" if name in resumed else ""]
+        p = stage_profile.get(name) or {}
+        cache = p.get("cache") or {}
+        values = {c: p.get(c) for c in columns} | {k: cache.get(k) for k in ("hits", "misses")}
+        for key, value in values.items():
+            sums[key] += 0.0 if value is None else float(value)
+        row += [_seconds(values[c]) for c in columns]
+        if columns:
+            row.append("-" if not cache else f"{values['hits']} / {values['misses']}")
+        rows.append(row)
+    last = ["total", _seconds(total), ""] + ([""] if resumed is not None else [])
+    last += [_seconds(sums[c]) for c in columns] + ([f"{sums['hits']:.0f} / {sums['misses']:.0f}"] if columns else [])
+    return header, rows + [last]
 
 
 def judge_tables(report: dict) -> dict[str, Table]:

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from cai_jax import atomic
+from cai_jax import atomic, profiling
 from cai_jax.nn.config import ModelConfig
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -125,6 +125,7 @@ def _safetensors_files(folder: Path) -> dict[str, Path]:
     raise CheckpointError(f"{folder}: no {SINGLE_NAME} or {INDEX_NAME} found")
 
 
+@profiling.phase("load")
 def _load_tensors(folder: Path) -> dict[str, np.ndarray]:
     files = _safetensors_files(folder)
     tensors: dict[str, np.ndarray] = {}
@@ -207,6 +208,7 @@ def params_to_hf_tensors(cfg: ModelConfig, params: dict, dtype=None) -> dict[str
     return out
 
 
+@profiling.phase("export")
 def save_hf_checkpoint(
     folder: str | os.PathLike,
     cfg: ModelConfig,

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from cai_jax import profiling
 from cai_jax.checkpoints.hf import (
     INDEX_NAME,
     SINGLE_NAME,
@@ -71,6 +72,7 @@ def _finite_or_none(x: Any) -> float | None:
     return None if x is None or not math.isfinite(float(x)) else float(x)
 
 
+@profiling.phase("export")
 def save_pm(
     folder: str | os.PathLike,
     params: Mapping[str, Any],

@@ -47,6 +47,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cai_jax import profiling
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
@@ -147,6 +149,7 @@ class Checkpointer:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @profiling.phase("checkpoint")
     def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
         """Saves `state` (a pytree of arrays) and `data_state` (a JSON dict) as `step` if due.
 
@@ -192,6 +195,7 @@ class Checkpointer:
                 self.directory,
             )
 
+    @profiling.phase("checkpoint")
     def restore(self, step: int | None = None, target: Any = None) -> tuple[Any, dict]:
         """Returns ``(state, data_state)`` saved at `step` (default: the latest).
 
@@ -245,11 +249,13 @@ class Checkpointer:
         """Whether `save(step, ...)` without force would write (lets a loop skip host-side work)."""
         return self._manager is not None and bool(self._manager.should_save(int(step)))
 
+    @profiling.phase("checkpoint")
     def wait(self) -> None:
         """Blocks until any background save is on disk."""
         if self._manager is not None:
             self._manager.wait_until_finished()
 
+    @profiling.phase("checkpoint")
     def close(self) -> None:
         """Finishes pending saves and releases orbax's threads."""
         if self._manager is not None:
