@@ -31,9 +31,11 @@ save once after the last step, outside its time).
 Each objective runs 1 + `--steps` steps: the first includes compilation, the step time is the median
 of the others, and "compile s" is (first - median). PPO / RLOO step time is the sum of the loop's
 time/* metrics (rollout = KV-cache sampling; scoring = PM scores, teacher-forced forwards and
-advantages; train = all the updates of the iteration); DPO / IPO step time is the wall time between
-consecutive metric fetches (tokens_in_batch / tokens_per_s of `metrics.jsonl`). "per s" is samples
-(PPO / RLOO) or comparisons (DPO / IPO) per second of step time.
+advantages; train = all the updates of the iteration), each phase column its own median, so the
+three need not sum to the step; DPO / IPO step time is the wall time between consecutive metric
+fetches (tokens_in_batch / tokens_per_s of `metrics.jsonl`). "per s" is samples (PPO / RLOO) or
+comparisons (DPO / IPO) per second of step time. Every step's seconds are printed under the table,
+so a noisy step (another job on the machine) shows.
 """
 
 from __future__ import annotations
@@ -234,6 +236,9 @@ def main():
             f"| {name} | {r['step']} | {r['step_s']:.2f} | {phases} | {r['compile_s']:.1f} | "
             f"{r['per_s']:.3f} {r['unit']} | {_cell(r['response_length_mean'], '.1f')} |"
         )
+    print("\nseconds of every step (the first includes compilation):")
+    for name, r in results.items():
+        print(f"- {name}: " + ", ".join(f"{x:.2f}" for x in r["steps_s"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
