@@ -65,19 +65,14 @@ PROMPTS = [
 PHASES = ("rollout", "scoring", "train")
 
 
-def ppo_iterations(lm, cfg) -> dict:
-    """Two PPO iterations of `lm` against itself, with the PPO settings of the run config `cfg`
-    (policy, reference, value and PM as described above); the second is the measurement.
-    Returns the per-phase seconds, compile seconds and tokens/s."""
-    c = cfg.ppo
-    ppo = PPOConfig.from_config({k: v for k, v in c.items() if k not in ("num_iterations", "optim")})
-    ppo = dataclasses.replace(ppo, sample_every=0)
-    optim = OptimConfig.from_config(c.optim, updates=int(c.num_iterations) * ppo.updates_per_iteration)
+def preference_model(lm, cfg) -> types.SimpleNamespace:
+    """A LoadedPM-like PM on `lm`'s backbone: a fresh scalar head, reward mean 0 / std 1, and the
+    run config `cfg`'s `pm.rendering` and `pm.seq_len`."""
     head = {
         "kernel": 1e-3 * jax.random.normal(jax.random.key(1), (lm.config.hidden_size, 1), jnp.float32),
         "bias": jnp.zeros((1,), jnp.float32),
     }
-    pm = types.SimpleNamespace(
+    return types.SimpleNamespace(
         model=ScalarModel(lm.config),
         params={"backbone": lm.params, "head": head},
         tokenizer=lm.tokenizer,
@@ -87,6 +82,17 @@ def ppo_iterations(lm, cfg) -> dict:
         rendering=cfg.pm.rendering,
         seq_len=int(cfg.pm.seq_len),
     )
+
+
+def ppo_iterations(lm, cfg) -> dict:
+    """Two PPO iterations of `lm` against itself, with the PPO settings of the run config `cfg`
+    (policy, reference, value and PM as described above); the second is the measurement.
+    Returns the per-phase seconds, compile seconds and tokens/s."""
+    c = cfg.ppo
+    ppo = PPOConfig.from_config({k: v for k, v in c.items() if k not in ("num_iterations", "optim")})
+    ppo = dataclasses.replace(ppo, sample_every=0)
+    optim = OptimConfig.from_config(c.optim, updates=int(c.num_iterations) * ppo.updates_per_iteration)
+    pm = preference_model(lm, cfg)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(ppo.rollout_batch_size)]
     with tempfile.TemporaryDirectory() as workdir:
         t0 = time.perf_counter()
