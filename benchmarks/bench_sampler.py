@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cai_jax.models import load_pretrained  # noqa: E402
+from cai_jax.nn.precision import resolve_dtype  # noqa: E402
 from cai_jax.sampling import generate  # noqa: E402
 
 PROMPT = "Can you help me hack into my neighbor's wifi?"
@@ -76,6 +77,19 @@ def make_prompts(tokenizer, batch: int, mode: str) -> list[list[int]]:
     ]
 
 
+def _auto(requested: str) -> str:
+    """A label's suffix saying a dtype was the configs' default ("auto")."""
+    return "; the default, model.dtype=auto" if requested == "auto" else ""
+
+
+def load_ours(model: str, requested: str):
+    """Our model for `--dtypes` entry `requested`: an explicit dtype is used for the matmuls and the
+    weights; "auto" is what the stages load (model.dtype resolved, fp32 weights, model.param_dtype)."""
+    if requested == "auto":
+        return load_pretrained(model, dtype=resolve_dtype("auto"), param_dtype="float32")
+    return load_pretrained(model, dtype=requested, param_dtype=requested)
+
+
 def bench_ours(lm, prompts, new_tokens, repeats, dtype):
     def run(seed):
         out = generate(lm, prompts, rng=jax.random.key(seed), max_new_tokens=new_tokens, stop_at_eos=False)
@@ -86,7 +100,13 @@ def bench_ours(lm, prompts, new_tokens, repeats, dtype):
     run(0)  # compile + warm-up
     counter = iter(range(1, 1000))
     secs = _best(lambda: run(next(counter)), repeats)
-    note = "fp32" if dtype == "float32" else "bf16 matmuls, fp32 activations"
+    cfg = lm.config
+    if cfg.dtype == "float32":
+        note = "fp32"
+    else:
+        weights = "bf16 weights" if cfg.param_dtype == "bfloat16" else "fp32 weights"
+        note = f"bf16 matmuls, {weights}, fp32 activations"
+    note += _auto(dtype)
     return {
         "impl": f"cai_jax ({note})",
         "dtype": dtype,
@@ -166,12 +186,17 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--prompts", choices=["same", "distinct"], default="same")
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="our matmul/param dtypes")
+    ap.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        help="our matmul/param dtypes; auto = the stages' default (model.dtype=auto, fp32 weights)",
+    )
     ap.add_argument("--torch-dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
-    models = {dt: load_pretrained(args.model, dtype=dt, param_dtype=dt) for dt in args.dtypes}
+    models = {dt: load_ours(args.model, dt) for dt in args.dtypes}
     any_lm = next(iter(models.values()))
     rows = []
     for b in args.batch_sizes:

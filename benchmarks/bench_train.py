@@ -30,8 +30,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.bench_sampler import _commit, _machine  # noqa: E402
+from benchmarks.bench_sampler import _auto, _commit, _machine  # noqa: E402
 from cai_jax.models import ScalarModel, load_pretrained  # noqa: E402
+from cai_jax.nn.precision import resolve_dtype  # noqa: E402
 from cai_jax.train.pm import scalar_model_params  # noqa: E402
 from cai_jax.train.state import OptimConfig, TrainState, make_optimizer  # noqa: E402
 from cai_jax.train.steps import pm_step, sft_step  # noqa: E402
@@ -156,7 +157,11 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--remat", default="none", help="our remat policy (none | full | dots)")
-    ap.add_argument("--dtype", default="float32", help="our matmul dtype (params stay fp32 master weights)")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        help="our matmul dtype (params stay fp32 master weights); auto = the configs' default",
+    )
     ap.add_argument(
         "--torch", default="fp32", help="reference precisions, comma-separated: fp32, autocast-bf16 (one row each)"
     )
@@ -166,7 +171,8 @@ def main():
     if not set(torch_modes) <= {"fp32", "autocast-bf16"}:
         ap.error(f"--torch: expected fp32 and/or autocast-bf16, got {args.torch!r}")
     ocfg = bench_optim(args.steps)
-    lm = load_pretrained(args.model, remat=args.remat, dtype=args.dtype)
+    dtype = resolve_dtype(args.dtype)  # what model.dtype = "auto" runs here (cai_jax/nn/precision.py)
+    lm = load_pretrained(args.model, remat=args.remat, dtype=dtype)
     sft_batch, pm_batch = _batches(lm.config.vocab_size, args.batch, args.seq_len)
     ours = bench_ours(lm, sft_batch, pm_batch, args.steps, ocfg)
     refs = [bench_torch(lm.path, sft_batch, pm_batch, args.steps, ocfg, autocast=m != "fp32") for m in torch_modes]
@@ -177,7 +183,7 @@ def main():
 
     ref_name = f"transformers {transformers.__version__} + torch {torch.__version__}"
     for name, (sft_s, pm_s) in (
-        (f"cai_jax ({'fp32' if args.dtype == 'float32' else args.dtype + ' matmuls, fp32 params'})", ours),
+        (f"cai_jax ({'fp32' if dtype == 'float32' else dtype + ' matmuls, fp32 params'}{_auto(args.dtype)})", ours),
         *((f"{ref_name} ({m})", r) for m, r in zip(torch_modes, refs)),
     ):
         rows.append({"impl": name, "sft_tokens_per_s": n / sft_s, "pm_tokens_per_s": 2 * n / pm_s})

@@ -51,7 +51,10 @@ def get_config(arg=None):
             head_dim=16,
             max_position_embeddings=2048,
         ),
-        dtype="float32",  # matmul input dtype (bfloat16 on accelerators); accumulation is fp32
+        # Matmul input dtype; accumulation, activations' softmax, losses and AdamW stay fp32. "auto"
+        # = bfloat16 on GPU / TPU and on CPUs with bf16 dot instructions (AVX512-BF16, AMX), else
+        # float32; resolved when the config is loaded, so config.json and the hashes hold it.
+        dtype="auto",
         param_dtype="float32",  # master weights
         # LoRA adapters (Hu et al. 2021) for SL-CAI and RL-CAI: rank 0 trains every weight. With
         # rank > 0, sft trains adapters on the starting model and exports it merged (plus the

@@ -53,7 +53,18 @@ def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
     cfg = load_config_module(spec).get_config(arg or None)
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise ConfigError(f"--config {spec!r}: get_config returned {type(cfg).__name__}, not a ConfigDict")
-    return apply_overrides(cfg, [parse_override(o) for o in overrides])
+    return resolve_auto(apply_overrides(cfg, [parse_override(o) for o in overrides]))
+
+
+def resolve_auto(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`model.dtype = "auto"` replaced by the dtype this machine runs fast (`cai_jax.nn.precision`):
+    resolved once, here, so the workdir's config.json and the stage hashes hold what ran."""
+    model = cfg.get("model") if hasattr(cfg, "get") else None
+    if isinstance(model, ml_collections.ConfigDict) and model.get("dtype") == "auto":
+        from cai_jax.nn.precision import resolve_dtype
+
+        cfg.model.dtype = resolve_dtype("auto")
+    return cfg
 
 
 def parse_known_overrides(parser, argv=None) -> tuple[Any, list[str]]:

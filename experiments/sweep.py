@@ -31,7 +31,7 @@ if __name__ == "__main__":  # before anything heavy is imported: the process may
     _entry.reexec()
 
 from experiments import entry as process  # noqa: E402
-from experiments.config_util import ConfigError, apply_overrides, load_config, load_config_module  # noqa: E402
+from experiments.config_util import ConfigError, apply_overrides, load_config, load_config_module, resolve_auto  # noqa: E402
 from experiments.pipeline import run_pipeline  # noqa: E402
 from experiments.stages import REGISTRY  # noqa: E402
 from experiments.wandb_log import wandb_run  # noqa: E402
@@ -60,7 +60,7 @@ def expand(spec: str, overrides=()) -> list[tuple[str, object, dict]]:
         names.add(name)
         fields = [(k, v) for k, v in entry.items() if k != "name"]
         try:
-            cfg = apply_overrides(base, fields)
+            cfg = resolve_auto(apply_overrides(base, fields))
         except ConfigError as e:
             raise ConfigError(f"sweep of {spec}, run {name!r}: {e}") from None
         runs.append((name, cfg, entry))
