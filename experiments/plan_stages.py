@@ -25,7 +25,7 @@ from cai_jax.models import ScalarModel, Transformer
 from cai_jax.planning import bytes_per_device, compile_cost
 from cai_jax.sharding import BATCH_AXES, abstract_params, batch_sharding
 from cai_jax.text import bucket_length
-from cai_jax.train.rl_lora import lora_state, merged_policy
+from cai_jax.train.rl_lora import abstract_lora_state, merged_policy
 from experiments.plan_kit import (
     Held,
     PlanContext,
@@ -140,13 +140,9 @@ def plan_ppo(ctx: PlanContext) -> StagePlan:
     if cfg.shared_backbone:
         params["value"] = {"head": params["value"]["head"]}
     if lora is not None:  # one frozen base for policy, reference (and value), adapters (train/rl_lora.py)
-        params = jax.eval_shape(
-            functools.partial(
-                lora_state, policy_cfg=policy_cfg, value_cfg=value_cfg, lora=lora, key=jax.random.key(0),
-                value_from_policy=cfg.value_init == "policy",
-            ),
-            params["policy"], params["value"],
-        )  # fmt: skip
+        params = abstract_lora_state(
+            params["policy"], params["value"], policy_cfg, value_cfg, lora, value_from_policy=cfg.value_init == "policy"
+        )
     state = jax.eval_shape(steps.create, params, jax.random.key(0))
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, steps.shardings)
     pm = abstract_params(ScalarModel(pm_cfg), _tokens((micro, 16)), ctx.mesh, ctx.rules)

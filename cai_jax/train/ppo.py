@@ -82,7 +82,14 @@ from cai_jax.train.ppo_rollout import (
 )
 from cai_jax.train.ppo_steps import PPOConfig, compute_advantages, ppo_update, rollout_forward
 from cai_jax.train.rl_common import lora_export, run_iterations, setup_rollouts
-from cai_jax.train.rl_lora import adapter_shardings, check_reference, frozen_patterns, lora_state, merged_policy
+from cai_jax.train.rl_lora import (
+    abstract_lora_state,
+    adapter_shardings,
+    check_reference,
+    frozen_patterns,
+    lora_state,
+    merged_policy,
+)
 from cai_jax.train.state import OptimConfig, TrainState, make_optimizer
 
 __all__ = [
@@ -141,13 +148,14 @@ def _build(
     if cfg.shared_backbone:
         abstract["value"] = {"head": abstract["value"]["head"]}
     if lora is not None:  # bases stored once and frozen, adapters trained (train/rl_lora.py)
-        abstract = jax.eval_shape(
-            functools.partial(
-                lora_state, policy_cfg=policy_cfg, value_cfg=value_cfg, lora=lora, key=jax.random.key(0),
-                value_from_policy=cfg.value_init == "policy",
-            ),
-            abstract["policy"], abstract["value"],
-        )  # fmt: skip
+        abstract = abstract_lora_state(
+            abstract["policy"],
+            abstract["value"],
+            policy_cfg,
+            value_cfg,
+            lora,
+            value_from_policy=cfg.value_init == "policy",
+        )
         p_shardings = adapter_shardings(p_shardings, abstract, policy_cfg, value_cfg, mesh, rules)
         ocfg = dataclasses.replace(ocfg, frozen=ocfg.frozen + frozen_patterns(abstract))
     optimizer = make_optimizer(ocfg, abstract)

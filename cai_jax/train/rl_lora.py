@@ -21,6 +21,7 @@ their bases) and carry their kernels' logical axis names, so they shard like the
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -30,6 +31,7 @@ from cai_jax.nn.lora import LoRAConfig, apply_lora, init_lora, logical_specs, lo
 from cai_jax.sharding import Rules, logical_to_sharding
 
 __all__ = [
+    "abstract_lora_state",
     "adapter_shardings",
     "check_reference",
     "frozen_patterns",
@@ -114,6 +116,15 @@ def lora_state(
     if not value_from_policy:
         out["value"]["base"] = value["backbone"]
     return out
+
+
+def abstract_lora_state(policy: Any, value: Any, policy_cfg, value_cfg, lora: LoRAConfig, *, value_from_policy: bool):
+    """`lora_state` of abstract params (ShapeDtypeStructs), by `jax.eval_shape`: shapes only, nothing allocated."""
+    fn = functools.partial(
+        lora_state, policy_cfg=policy_cfg, value_cfg=value_cfg, lora=lora, key=jax.random.key(0),
+        value_from_policy=value_from_policy,
+    )  # fmt: skip
+    return jax.eval_shape(fn, policy, value)
 
 
 def _k(key, i):

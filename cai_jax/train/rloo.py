@@ -63,7 +63,14 @@ from cai_jax.train.loop import jit_train_step, state_shardings
 from cai_jax.train.ppo_rollout import METRIC_NAMES as PPO_METRIC_NAMES
 from cai_jax.train.ppo_rollout import RewardFn, Rollout, RolloutSource
 from cai_jax.train.rl_common import lora_export, run_iterations, setup_rollouts
-from cai_jax.train.rl_lora import adapter_shardings, check_reference, frozen_patterns, lora_state, merged_policy
+from cai_jax.train.rl_lora import (
+    abstract_lora_state,
+    adapter_shardings,
+    check_reference,
+    frozen_patterns,
+    lora_state,
+    merged_policy,
+)
 from cai_jax.train.rloo_steps import RLOOConfig, rloo_forward, rloo_rewards, rloo_update
 from cai_jax.train.state import OptimConfig, TrainState, make_optimizer
 
@@ -94,9 +101,7 @@ def _build(
     abstract = {"policy": jax.eval_shape(lambda: nn.meta.unbox(policy_model.init(jax.random.key(0), sample)["params"]))}
     p_shardings = {"policy": param_shardings(policy_model, sample, mesh, rules)}
     if lora is not None:  # the base stored once and frozen, adapters trained (train/rl_lora.py)
-        abstract = jax.eval_shape(
-            lambda p: lora_state(p, None, policy_cfg, None, lora, jax.random.key(0)), abstract["policy"]
-        )
+        abstract = abstract_lora_state(abstract["policy"], None, policy_cfg, None, lora, value_from_policy=True)
         p_shardings = adapter_shardings(p_shardings, abstract, policy_cfg, None, mesh, rules)
         ocfg = dataclasses.replace(ocfg, frozen=ocfg.frozen + frozen_patterns(abstract))
     optimizer = make_optimizer(ocfg, abstract)
