@@ -243,3 +243,24 @@ def test_fork_with_mc_files_reruns_eval_and_report_only(tiny_run, tmp_path):
     assert fig9.name in report and fig9.stat().st_size > 1000
     # The same PM bins as the reference's figure, plus the MC file's: a different picture.
     assert fig9.read_bytes() != (reference / "figures" / fig9.name).read_bytes()
+
+
+def test_fork_with_lora_trains_adapters_in_sft_and_ppo(tiny_run, tmp_path):
+    """`model.lora.rank > 0` through the launcher: only revisions (which does not read model.lora)
+    is linked; sft writes its merged export and the PEFT adapters, every PPO snapshot carries its
+    adapters, and the later stages read the merged folders as before."""
+    from cai_jax.checkpoints.hf import is_complete_export
+
+    reference, _ = tiny_run
+    fork = tmp_path / "lora_run"
+    out = _finish(_launch(reference, "--fork", str(fork), "--config.model.lora.rank=4"))
+    ran = [line.split()[2] for line in out.splitlines() if line.startswith("[launch] stage ") and "(starting" in line]
+    assert ran == ["sft", "feedback", "pm", "ppo", "eval", "report"], out[-4000:]
+    assert (fork / "revisions").is_symlink()
+    assert is_complete_export(fork / "sft" / "export") and is_complete_export(fork / "sft" / "adapter")
+    adapter = json.loads((fork / "sft" / "adapter" / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"], adapter["peft_type"]) == (4, 16.0, "LORA")
+    snapshots = sorted((fork / "ppo" / "snapshots").iterdir())
+    assert snapshots and all(is_complete_export(s) and is_complete_export(s / "adapter") for s in snapshots)
+    assert not (reference / "sft" / "adapter").exists()  # rank 0: no adapters
+    assert json.loads((fork / "eval" / "summary.json").read_text())
