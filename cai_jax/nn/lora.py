@@ -225,9 +225,12 @@ def flat_adapters(adapters) -> dict[str, dict]:
     return {p[:-2]: {"a": v, "b": flat[p[:-2] + "/b"]} for p, v in flat.items() if p.endswith("/a")}
 
 
+_merge_jit = jax.jit(apply_lora, static_argnums=2)
+
+
 def merge_lora(base, adapters, cfg: LoRAConfig):
     """`apply_lora` jitted: plain params for `checkpoints.hf.save_hf_checkpoint` (a folder without adapters)."""
-    return jax.jit(apply_lora, static_argnums=2)(base, adapters, cfg)
+    return _merge_jit(base, adapters, cfg)
 
 
 def num_lora_params(adapters) -> int:

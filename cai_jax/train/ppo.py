@@ -43,7 +43,6 @@ So two processes draw, score and train what one process would, up to reduction o
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -81,15 +80,8 @@ from cai_jax.train.ppo_rollout import (
     update_on_rollout,
 )
 from cai_jax.train.ppo_steps import PPOConfig, compute_advantages, ppo_update, rollout_forward
-from cai_jax.train.rl_common import lora_export, run_iterations, setup_rollouts
-from cai_jax.train.rl_lora import (
-    abstract_lora_state,
-    adapter_shardings,
-    check_reference,
-    frozen_patterns,
-    lora_state,
-    merged_policy,
-)
+from cai_jax.train.rl_common import policy_export, run_iterations, setup_rollouts
+from cai_jax.train.rl_lora import check_reference, lora_build, lora_state, merged_policy
 from cai_jax.train.state import OptimConfig, TrainState, make_optimizer
 
 __all__ = [
@@ -147,17 +139,11 @@ def _build(
     }
     if cfg.shared_backbone:
         abstract["value"] = {"head": abstract["value"]["head"]}
-    if lora is not None:  # bases stored once and frozen, adapters trained (train/rl_lora.py)
-        abstract = abstract_lora_state(
-            abstract["policy"],
-            abstract["value"],
-            policy_cfg,
-            value_cfg,
-            lora,
-            value_from_policy=cfg.value_init == "policy",
-        )
-        p_shardings = adapter_shardings(p_shardings, abstract, policy_cfg, value_cfg, mesh, rules)
-        ocfg = dataclasses.replace(ocfg, frozen=ocfg.frozen + frozen_patterns(abstract))
+    # Under LoRA: bases stored once and frozen, adapters trained (train/rl_lora.py).
+    abstract, p_shardings, ocfg = lora_build(
+        abstract, p_shardings, ocfg, policy_cfg, value_cfg, lora, mesh, rules,
+        value_from_policy=cfg.value_init == "policy",
+    )  # fmt: skip
     optimizer = make_optimizer(ocfg, abstract)
 
     def create(params, rng):
@@ -303,5 +289,5 @@ def train_ppo(
     update = functools.partial(update_on_rollout, update=steps.update, cfg=cfg, seed=seed)
     return run_iterations(
         "PPO", source, update, state, policy=policy, workdir=workdir, ckpt_cfg=ckpt_cfg,
-        num_iterations=num_iterations, export_at=export_at, export_dir=export_dir, export=lora_export(policy, lora),
+        num_iterations=num_iterations, export_at=export_at, export_dir=export_dir, export=policy_export(policy, lora),
     )  # fmt: skip

@@ -21,14 +21,13 @@ from cai_jax.sharding import DATA_PARALLEL, Rules, make_mesh
 from cai_jax.text import bucket_length
 from cai_jax.train.fit import default_checkpoints, fit
 from cai_jax.train.logs import JsonlLog, MetricsLogger
-from cai_jax.train.loop import gather_to_host
 from cai_jax.train.pm_reward import PMReward
 from cai_jax.train.ppo_rollout import PromptStream, _encode_prompts
 from cai_jax.train.rl_lora import merged_policy
-from cai_jax.train.sft import export_params
+from cai_jax.train.sft import export_adapters, export_params
 from cai_jax.train.state import OptimConfig, TrainState
 
-__all__ = ["RolloutSetup", "setup_rollouts", "run_iterations", "lora_export"]
+__all__ = ["RolloutSetup", "setup_rollouts", "run_iterations", "policy_export"]
 
 
 class RolloutSetup(NamedTuple):
@@ -96,7 +95,7 @@ def setup_rollouts(
     return RolloutSetup(conversations, width, stream, mesh, rules, reward_fn, score_norm)
 
 
-def lora_export(policy: Any, lora: Any) -> Callable:
+def policy_export(policy: Any, lora: Any = None) -> Callable:
     """`export(state, folder)` of a policy: params["policy"] as an HF folder; under LoRA (`lora` a
     `LoRAConfig`) the adapters alone in PEFT's layout in `folder/adapter` first, then the merged
     model in `folder`, whose completion marker comes last (a folder marked complete has both)."""
@@ -105,11 +104,7 @@ def lora_export(policy: Any, lora: Any) -> Callable:
     def export(state: TrainState, folder: str | os.PathLike) -> None:
         p = state.params["policy"]
         if lora is not None:
-            from cai_jax.checkpoints.peft import save_peft_adapters
-
-            host = gather_to_host(p["lora"])
-            if jax.process_index() == 0:
-                save_peft_adapters(os.path.join(folder, "adapter"), policy.config, host, lora)
+            export_adapters(p["lora"], policy.config, os.path.join(folder, "adapter"), lora)
         export_params(merged_policy(p, lora), policy.config, folder, tokenizer)
 
     return export
@@ -132,9 +127,9 @@ def run_iterations(
     """`num_iterations` of `source` / `update` on the fit loop: metrics.jsonl and samples.jsonl in
     `workdir` (cut back on resume), checkpoints (default `workdir/checkpoints`, only the end; False:
     none), `export_at` snapshots of params["policy"] and the final `export_dir`, each written by
-    `export(state, folder)` (default: params["policy"] as an HF folder; see `lora_export`)."""
+    `export(state, folder)` (default: `policy_export(policy)`)."""
     workdir = os.fspath(workdir)
-    export = export or lora_export(policy, None)
+    export = export or policy_export(policy)
 
     samples = JsonlLog(os.path.join(workdir, "samples.jsonl"), key="iteration", ensure_ascii=False)
     logger = MetricsLogger(os.path.join(workdir, "metrics.jsonl"), unit="iteration", attachments={"samples": samples})

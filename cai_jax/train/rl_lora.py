@@ -21,6 +21,7 @@ their bases) and carry their kernels' logical axis names, so they shard like the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -35,6 +36,7 @@ __all__ = [
     "adapter_shardings",
     "check_reference",
     "frozen_patterns",
+    "lora_build",
     "lora_state",
     "merged_policy",
     "policy_params",
@@ -125,6 +127,30 @@ def abstract_lora_state(policy: Any, value: Any, policy_cfg, value_cfg, lora: Lo
         value_from_policy=value_from_policy,
     )  # fmt: skip
     return jax.eval_shape(fn, policy, value)
+
+
+def lora_build(
+    abstract: Any,
+    shardings: Any,
+    ocfg,
+    policy_cfg,
+    value_cfg,
+    lora: LoRAConfig | None,
+    mesh,
+    rules,
+    *,
+    value_from_policy: bool = True,
+) -> tuple:
+    """What a trainer's `_build` changes under LoRA: (abstract state params, their shardings, the
+    optimizer config with the bases frozen), from the full-fine-tuning ones; as they are at None."""
+    if lora is None:
+        return abstract, shardings, ocfg
+    value = abstract.get("value")
+    abstract = abstract_lora_state(
+        abstract["policy"], value, policy_cfg, value_cfg, lora, value_from_policy=value_from_policy
+    )
+    shardings = adapter_shardings(shardings, abstract, policy_cfg, value_cfg, mesh, rules)
+    return abstract, shardings, dataclasses.replace(ocfg, frozen=ocfg.frozen + frozen_patterns(abstract))
 
 
 def _k(key, i):

@@ -30,7 +30,6 @@ P prompts, K samples per prompt, L = prompt + N response tokens, V vocabulary.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import time
@@ -62,15 +61,8 @@ from cai_jax.train.fit import Step
 from cai_jax.train.loop import jit_train_step, state_shardings
 from cai_jax.train.ppo_rollout import METRIC_NAMES as PPO_METRIC_NAMES
 from cai_jax.train.ppo_rollout import RewardFn, Rollout, RolloutSource
-from cai_jax.train.rl_common import lora_export, run_iterations, setup_rollouts
-from cai_jax.train.rl_lora import (
-    abstract_lora_state,
-    adapter_shardings,
-    check_reference,
-    frozen_patterns,
-    lora_state,
-    merged_policy,
-)
+from cai_jax.train.rl_common import policy_export, run_iterations, setup_rollouts
+from cai_jax.train.rl_lora import check_reference, lora_build, lora_state, merged_policy
 from cai_jax.train.rloo_steps import RLOOConfig, rloo_forward, rloo_rewards, rloo_update
 from cai_jax.train.state import OptimConfig, TrainState, make_optimizer
 
@@ -100,10 +92,8 @@ def _build(
     sample = jax.ShapeDtypeStruct((cfg.micro_batch_size, width + cfg.max_new_tokens), jnp.int32)
     abstract = {"policy": jax.eval_shape(lambda: nn.meta.unbox(policy_model.init(jax.random.key(0), sample)["params"]))}
     p_shardings = {"policy": param_shardings(policy_model, sample, mesh, rules)}
-    if lora is not None:  # the base stored once and frozen, adapters trained (train/rl_lora.py)
-        abstract = abstract_lora_state(abstract["policy"], None, policy_cfg, None, lora, value_from_policy=True)
-        p_shardings = adapter_shardings(p_shardings, abstract, policy_cfg, None, mesh, rules)
-        ocfg = dataclasses.replace(ocfg, frozen=ocfg.frozen + frozen_patterns(abstract))
+    # Under LoRA: the base stored once and frozen, adapters trained (train/rl_lora.py).
+    abstract, p_shardings, ocfg = lora_build(abstract, p_shardings, ocfg, policy_cfg, None, lora, mesh, rules)
     optimizer = make_optimizer(ocfg, abstract)
 
     def create(params, rng):
@@ -272,5 +262,5 @@ def train_rloo(
     update = functools.partial(update_on_rollout, update=steps.update, cfg=cfg, seed=seed)
     return run_iterations(
         "RLOO", source, update, state, policy=policy, workdir=workdir, ckpt_cfg=ckpt_cfg,
-        num_iterations=num_iterations, export_at=export_at, export_dir=export_dir, export=lora_export(policy, lora),
+        num_iterations=num_iterations, export_at=export_at, export_dir=export_dir, export=policy_export(policy, lora),
     )  # fmt: skip

@@ -280,6 +280,17 @@ def _lora_setup(module: nn.Module, base: Any, optim_cfg, lora: LoRAConfig, seed:
     return {"base": base, "lora": adapters}, ocfg
 
 
+def export_adapters(
+    adapters: Any, cfg: ModelConfig, folder: str | os.PathLike, lora: LoRAConfig, base_model_name_or_path=None
+) -> None:
+    """Gathers (possibly sharded, multi-host) LoRA adapters and writes them in PEFT's layout on process 0."""
+    from cai_jax.checkpoints.peft import save_peft_adapters
+
+    host = gather_to_host(adapters)
+    if jax.process_index() == 0:
+        save_peft_adapters(folder, cfg, host, lora, base_model_name_or_path=base_model_name_or_path)
+
+
 def export_params(params: Any, cfg: ModelConfig, folder: str | os.PathLike, tokenizer: Any = None) -> None:
     """Gathers (possibly sharded, multi-host) params and writes an HF-format folder on process 0."""
     from cai_jax.checkpoints.hf import save_hf_checkpoint

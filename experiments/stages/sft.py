@@ -60,7 +60,7 @@ class Config:
 def run(ctx: StageContext, cfg: Config) -> dict:
     from cai_jax.cai.revisions import load_revisions
     from cai_jax.cai.sft_data import build_sft_examples
-    from cai_jax.train.sft import SFTBatcher, train_sft
+    from cai_jax.train.sft import SFTBatcher, export_adapters, train_sft
 
     s, seed = cfg.sft, stage_seed(cfg.seed, "sft")
     lm = load_base_model(ctx, cfg.model, cfg.seed)
@@ -103,14 +103,9 @@ def run(ctx: StageContext, cfg: Config) -> dict:
         **({"lora": lora} if lora is not None else {}),
     )
     if lora is not None:
-        import jax
-
-        from cai_jax.checkpoints.peft import save_peft_adapters
-        from cai_jax.train.loop import gather_to_host
-
-        adapters = gather_to_host(state.params["lora"])
-        if jax.process_index() == 0:
-            save_peft_adapters(ctx.dir / "adapter", lm.config, adapters, lora, base_model_name_or_path=cfg.model.name)
+        export_adapters(
+            state.params["lora"], lm.config, ctx.dir / "adapter", lora, base_model_name_or_path=cfg.model.name
+        )
     metrics = read_jsonl(ctx.dir / "metrics.jsonl")
     sources: dict[str, int] = {}
     for e in examples:
