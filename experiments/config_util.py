@@ -59,8 +59,7 @@ def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
 def resolve_auto(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`model.dtype = "auto"` replaced by the dtype this machine runs fast (`cai_jax.nn.precision`):
     resolved once, here, so the workdir's config.json and the stage hashes hold what ran."""
-    model = cfg.get("model") if hasattr(cfg, "get") else None
-    if isinstance(model, ml_collections.ConfigDict) and model.get("dtype") == "auto":
+    if "model" in cfg and cfg.model.get("dtype") == "auto":
         from cai_jax.nn.precision import resolve_dtype
 
         cfg.model.dtype = resolve_dtype("auto")
