@@ -5,9 +5,13 @@
 
 Design choices (written down because callers rely on them):
 
-* Prompts are left-padded to a bucketed length and the batch to a power of two, so a new batch
-  rarely recompiles; the padding never changes a row's output (pads are masked, positions count
+* Prompts are left-padded to a bucketed length and the batch to a padded size
+  (`text.pad_batch_size`: powers of two up to 8, then multiples of 8), so a new batch rarely
+  recompiles; the padding never changes a row's output (pads are masked, positions count
   real tokens only).
+* Against the KV cache the model runs its blocks as one scan over the layers (nn/llama.py), so
+  a sampler program compiles one block, not one per layer; the layers' weights are stacked and
+  cast to the matmul dtype once per call (`stack_layers`), not in every decode step.
 * Identical prompts in one call (several samples per prompt, as the feedback and PPO stages
   ask for) are prefilled once and their KV caches copied to every row that uses them.
 * Randomness is per row: row i at step t draws from `fold_in(fold_in(rng, i), t)`, so a prompt's
@@ -39,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cai_jax.nn.config import ModelConfig
-from cai_jax.nn.llama import Transformer, init_cache
+from cai_jax.nn.llama import Transformer, init_cache, stack_layers
 from cai_jax.stop_strings import stop_tables
 from cai_jax.text import bucket_length, eos_ids, pad_batch_size, pad_id
 from cai_jax.token_choice import inverse_cdf, process_logits
@@ -102,6 +106,7 @@ def _choose(logits_BV, keys_B, step, s: _Settings):
 def _sample(params, tokens_UP, mask_UP, src_B, row_ids_B, rng, stop_table_KQV, stop_final_K, eos_E, *, cfg, s):
     """Prefill the U distinct prompts once, copy their caches to the B rows (src_B), then decode."""
     model = Transformer(cfg)
+    params = stack_layers(params, cfg)  # once, not in every decode step
     u, p = tokens_UP.shape
     b = src_B.shape[0]
     n = s.max_new_tokens
@@ -112,7 +117,7 @@ def _sample(params, tokens_UP, mask_UP, src_B, row_ids_B, rng, stop_table_KQV, s
         method="decode",
     )  # fmt: skip
     rows = lambda x: jnp.take(x, src_B, axis=0)  # noqa: E731
-    cache = jax.tree.map(rows, cache)
+    cache = jax.tree.map(lambda x: jnp.take(x, src_B, axis=1), cache)  # [L, B, ...]
     logits_B1V, kv_mask_BS, mask_BP, positions_BP = map(rows, (logits_U1V, kv_mask_US, mask_UP, positions_UP))
     n_real_B = jnp.sum(mask_BP, axis=1).astype(jnp.int32)
     # Position of every cache slot (read only by sliding-window attention).
@@ -188,7 +193,7 @@ def call_shapes(
 ) -> tuple[int, int, int]:
     """(B rows, U distinct prompts, P prompt width) of one device call of `generate`.
 
-    Rows and distinct prompts are padded to powers of two, the longest prompt to its length bucket
+    Rows and distinct prompts are padded by `pad_batch_size`, the longest prompt to its length bucket
     (capped so that P + max_new_tokens fits the context).
     """
     p = min(bucket_length(longest, min_bucket), cfg.max_position_embeddings - max_new_tokens)
@@ -256,10 +261,7 @@ def abstract_decode_step(cfg: ModelConfig, params: Any, *, rows: int, cache_len:
     def arg(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
-    cache = [
-        {k: arg(x.shape, x.dtype) for k, x in layer.items()}
-        for layer in jax.eval_shape(lambda: init_cache(cfg, rows, cache_len))
-    ]
+    cache = {k: arg(x.shape, x.dtype) for k, x in jax.eval_shape(lambda: init_cache(cfg, rows, cache_len)).items()}
     args = (
         params,
         arg((rows, 1), jnp.int32),

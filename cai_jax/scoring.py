@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cai_jax.nn.config import ModelConfig
-from cai_jax.nn.llama import Transformer, init_cache
+from cai_jax.nn.llama import Transformer, init_cache, stack_layers
 from cai_jax.text import bucket_length, pad_batch_size
 
 __all__ = [
@@ -151,6 +151,7 @@ def shared_prefix_token_logprobs(params, prefix_BP, prefix_mask_BP, options_BKT,
     _, k, t = options_BKT.shape
     n = k * t
     model = Transformer(cfg)
+    params = stack_layers(params, cfg)  # once for both calls
     positions_BP = jnp.maximum(jnp.cumsum(prefix_mask_BP, axis=1) - 1, 0).astype(jnp.int32)
     n_real_B = jnp.sum(prefix_mask_BP, axis=1).astype(jnp.int32)
     # Every option restarts at the prefix length: option k token j sits at position n_real + j.
@@ -272,7 +273,7 @@ def option_logprobs(
     for idx in _question_batches([len(pre) for pre, _ in rows], batch_size, bucket):
         b = len(idx)  # a power of two
         p = bucket(max(len(rows[i][0]) for i in idx))
-        t = pad_batch_size(max(len(o) for i in idx for o in rows[i][1]))  # a power of two
+        t = 1 << (max(len(o) for i in idx for o in rows[i][1]) - 1).bit_length()  # a power of two
         prefix = np.full((b, p), pad, np.int32)
         prefix_mask = np.zeros((b, p), bool)
         opts = np.full((b, k, t), pad, np.int32)

@@ -20,6 +20,7 @@ from cai_jax.models import (
     init_params,
     last_token_index,
     load_pretrained,
+    stack_layers,
     tiny_config,
 )
 
@@ -260,6 +261,34 @@ def test_decode_matches_full_forward(family, random_params):
     for t in range(prompt, total):
         logits, cache = decode(tokens[:, t : t + 1], positions[:, t : t + 1], cache, t)
         np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], atol=DECODE_ATOL, rtol=0, err_msg=f"step {t}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_with_stacked_layers_is_exact(dtype, random_params):
+    # stack_layers casts the stacked kernels to the matmul dtype ahead: the same numbers as
+    # casting them inside every matmul. Norm scales (used in fp32) must not be cast.
+    cfg = tiny_config("qwen2", dtype=dtype)
+    model = Transformer(cfg)
+    params = random_params(cfg)
+    stacked = stack_layers(params, cfg)
+    assert not any(k.startswith("layers_") for k in stacked)
+    assert stacked["layers"]["self_attn"]["q_proj"]["kernel"].dtype == cfg.jnp_dtype
+    assert stacked["layers"]["input_layernorm"]["scale"].dtype == jnp.float32
+    assert stacked["layers"]["mlp"]["up_proj"]["kernel"].shape[0] == cfg.num_layers
+    b, t = 2, 6
+    tokens, mask = _tokens((b, t), 3), np.ones((b, t + 2), bool)
+    positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+
+    def decode(p):
+        out = model.apply(
+            {"params": p}, tokens, positions, init_cache(cfg, b, t + 2), 0, mask, method=Transformer.decode
+        )
+        return jax.tree.map(np.asarray, out)
+
+    (want, want_cache), (got, got_cache) = decode(params), decode(stacked)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_cache["k"], want_cache["k"])
+    assert got_cache["k"].shape == (cfg.num_layers, b, cfg.num_kv_heads, cfg.head_dim, t + 2)
 
 
 # ---------------------------------------------------------------- scalar heads

@@ -230,6 +230,6 @@ def test_bucket_length():
 
 
 def test_pad_batch_size():
-    assert [pad_batch_size(b) for b in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
+    assert [pad_batch_size(b) for b in (1, 2, 3, 5, 8, 9, 16, 18, 33, 64)] == [1, 2, 4, 8, 8, 16, 16, 24, 40, 64]
     with pytest.raises(ValueError):
         pad_batch_size(0)

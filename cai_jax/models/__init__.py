@@ -17,6 +17,7 @@ from cai_jax.nn import (
     init_cache,
     init_params,
     last_token_index,
+    stack_layers,
     tiny_config,
 )
 
@@ -34,5 +35,6 @@ __all__ = [
     "last_token_index",
     "load_pretrained",
     "load_tokenizer",
+    "stack_layers",
     "tiny_config",
 ]

@@ -6,7 +6,7 @@ The bottom of the library: imports nothing else of cai_jax. `cai_jax.models` bui
 
 from cai_jax.nn.config import ModelConfig, RopeScaling, UnsupportedModelError, tiny_config
 from cai_jax.nn.heads import ScalarModel, last_token_index
-from cai_jax.nn.llama import Transformer, init_cache, init_params
+from cai_jax.nn.llama import Transformer, init_cache, init_params, stack_layers
 
 __all__ = [
     "ModelConfig",
@@ -17,5 +17,6 @@ __all__ = [
     "init_cache",
     "init_params",
     "last_token_index",
+    "stack_layers",
     "tiny_config",
 ]

@@ -26,7 +26,7 @@ import numpy as np
 from cai_jax.nn import cpu_matmul
 from cai_jax.nn.config import ModelConfig
 
-Cache = list  # one {"k": [B, K, D, S], "v": [B, K, S, D]} dict per layer
+Cache = dict  # {"k": [L, B, K, D, S], "v": [L, B, K, S, D]}: every layer's keys and values
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite, so fully masked rows give no NaN
 
 
@@ -112,7 +112,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTE, positions_BT, mask_BTS, cache=None, cache_index=None):
+    def __call__(self, x_BTE, positions_BT, mask_BTS, cache=None, cache_index=None, layer=None):
         cfg = self.cfg
         dt, pdt, act = cfg.jnp_dtype, cfg.jnp_param_dtype, cfg.jnp_activation_dtype
         h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -135,9 +135,17 @@ class Attention(nn.Module):
         v_BKTD = v_BTKD.transpose(0, 2, 1, 3)
         new_cache = None
         if cache is not None:
-            k_BKDS = jax.lax.dynamic_update_slice(cache["k"], k_BKDT.astype(cache["k"].dtype), (0, 0, 0, cache_index))
-            v_BKSD = jax.lax.dynamic_update_slice(cache["v"], v_BKTD.astype(cache["v"].dtype), (0, 0, cache_index, 0))
-            new_cache = {"k": k_BKDS, "v": v_BKSD}
+            # The cache holds every layer ([L, ...]): the new slots are written in place into this
+            # layer's part, which is then read for attention.
+            k_LBKDS = jax.lax.dynamic_update_slice(
+                cache["k"], k_BKDT[None].astype(cache["k"].dtype), (layer, 0, 0, 0, cache_index)
+            )
+            v_LBKSD = jax.lax.dynamic_update_slice(
+                cache["v"], v_BKTD[None].astype(cache["v"].dtype), (layer, 0, 0, cache_index, 0)
+            )
+            new_cache = {"k": k_LBKDS, "v": v_LBKSD}
+            k_BKDS = jax.lax.dynamic_index_in_dim(k_LBKDS, layer, keepdims=False)
+            v_BKSD = jax.lax.dynamic_index_in_dim(v_LBKSD, layer, keepdims=False)
         else:
             k_BKDS, v_BKSD = k_BKDT, v_BKTD
 
@@ -179,11 +187,11 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTE, positions_BT, mask_BTS, cache=None, cache_index=None):
+    def __call__(self, x_BTE, positions_BT, mask_BTS, cache=None, cache_index=None, layer=None):
         cfg = self.cfg
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.jnp_activation_dtype, cfg.jnp_param_dtype, name=name)  # noqa: E731
         attn_out, new_cache = Attention(cfg, name="self_attn")(
-            norm("input_layernorm")(x_BTE), positions_BT, mask_BTS, cache, cache_index
+            norm("input_layernorm")(x_BTE), positions_BT, mask_BTS, cache, cache_index, layer
         )
         x_BTE = x_BTE + attn_out
         x_BTE = x_BTE + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x_BTE))
@@ -249,6 +257,36 @@ class Transformer(nn.Module):
                 dot_general=cpu_matmul.dot_f32,
             )
 
+    def _blocks(self, x_BTE, positions_BT, mask_BTS, cache=None, cache_index=None):
+        """The decoder blocks: one by one in a full forward pass, as a `lax.scan` against a KV cache.
+
+        With a cache (prefill, decode, option scoring) the blocks are a scan over the layers'
+        stacked parameters: a program traces and compiles one block instead of num_layers copies,
+        which on a CPU was most of a sampler's compile time. The scan's price is a copy of each
+        layer's weights per call (its dynamic slice), ~4 ms per decode step of SmolLM2-135M here.
+        A full forward pass (training and teacher-forced scoring) runs the blocks one by one: its
+        backward under a scan ran ~40% slower on CPU and compiled no faster (BENCHMARKS.md).
+        The parameters stay one subtree per layer (`layers_{i}`, as in HF checkpoints); a caller
+        that applies the model many times with the same weights stacks them once (`stack_layers`),
+        otherwise they are stacked here.
+        """
+        cfg = self.cfg
+        if cache is None or self.is_initializing():
+            for layer in self.layers:
+                x_BTE, _ = layer(x_BTE, positions_BT, mask_BTS)
+            return x_BTE, None
+        params = self.variables["params"]
+        stacked = params[STACKED] if STACKED in params else _stack(params, cfg.num_layers)
+        block = Block(cfg, parent=None)
+
+        def body(carry, xs):
+            x, kv = carry
+            layer_params, i = xs
+            return block.apply({"params": layer_params}, x, positions_BT, mask_BTS, kv, cache_index, i), None
+
+        (x_BTE, cache), _ = jax.lax.scan(body, (x_BTE, cache), (stacked, jnp.arange(cfg.num_layers)))
+        return x_BTE, cache
+
     def logits(self, h_BTE: jax.Array) -> jax.Array:
         """Final hidden states [B, T, E] -> float32 logits [B, T, V]."""
         if self.cfg.tie_word_embeddings:
@@ -296,8 +334,7 @@ class Transformer(nn.Module):
         mask_BLL = _window(mask_BLL, positions_BL, positions_BL, self.cfg.sliding_window)
         x = self.embed_tokens(tokens_BL).astype(self.cfg.jnp_activation_dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        for layer in self.layers:
-            x, _ = layer(x, positions_BL, mask_BLL)
+        x, _ = self._blocks(x, positions_BL, mask_BLL)
         h = self.norm(x)
         return h if return_hidden else self.logits(h)
 
@@ -339,23 +376,42 @@ class Transformer(nn.Module):
         if self.cfg.sliding_window is not None:
             mask_BTS = _window(mask_BTS, positions_BT, kv_positions_BS, self.cfg.sliding_window)
         x = self.embed_tokens(tokens_BT).astype(self.cfg.jnp_activation_dtype)
-        new_cache = []
-        for layer, layer_cache in zip(self.layers, cache):
-            x, c = layer(x, positions_BT, mask_BTS, layer_cache, cache_index)
-            new_cache.append(c)
+        x, new_cache = self._blocks(x, positions_BT, mask_BTS, cache, cache_index)
         if last_only:
             x = x[:, -1:]
         return self.logits(self.norm(x)), new_cache
 
 
+STACKED = "layers"  # the key of pre-stacked block parameters (`stack_layers`)
+
+
+def _stack(params: dict, num_layers: int) -> dict:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *(params[f"layers_{i}"] for i in range(num_layers)))
+
+
+def stack_layers(params: dict, cfg: ModelConfig) -> dict:
+    """`params` with the blocks' per-layer subtrees replaced by one stacked subtree (leading axis L).
+
+    A model applied with a KV cache (`Transformer.decode`) accepts either form and computes the
+    same; a caller that applies it many times with the same weights (the sampler's decode loop)
+    stacks once, outside the loop. The stacked kernels are cast to the matmul dtype (`cfg.dtype`),
+    which every use of them casts to anyway: the result is exact, and a scan step then copies
+    half the bytes when that dtype is bf16.
+    """
+    stacked = _stack(params, cfg.num_layers)
+    stacked = jax.tree_util.tree_map_with_path(
+        lambda path, x: x.astype(cfg.jnp_dtype) if getattr(path[-1], "key", None) == "kernel" else x, stacked
+    )
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    out[STACKED] = stacked
+    return out
+
+
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
-    """Zeroed KV cache: per layer {"k": [B, K, D, S], "v": [B, K, S, D]} (see Attention)."""
+    """Zeroed KV cache of every layer: {"k": [L, B, K, D, S], "v": [L, B, K, S, D]} (see Attention)."""
     dtype = dtype or cfg.jnp_activation_dtype
-    b, k, d = batch, cfg.num_kv_heads, cfg.head_dim
-    return [
-        {"k": jnp.zeros((b, k, d, length), dtype), "v": jnp.zeros((b, k, length, d), dtype)}
-        for _ in range(cfg.num_layers)
-    ]
+    n, b, k, d = cfg.num_layers, batch, cfg.num_kv_heads, cfg.head_dim
+    return {"k": jnp.zeros((n, b, k, d, length), dtype), "v": jnp.zeros((n, b, k, length, d), dtype)}
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
