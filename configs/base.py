@@ -80,6 +80,9 @@ def get_config(arg=None):
         save_every_steps=50,  # optimizer steps (PPO: iterations) between saves; the end is always saved
         keep_last=2,  # most recent checkpoints kept while a stage runs
         keep_after_done=False,  # False: delete a stage's checkpoints once its exported artifact is written
+        # True: a save copies the state to host memory and writes it in a background thread while
+        # training goes on (a stage waits for it before it ends); False: the step waits for the write.
+        async_save=False,
     )
 
     # ---------------------------------------------------------------- data

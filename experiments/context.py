@@ -136,12 +136,18 @@ class CheckpointSpec:
     save_every_steps: int
     keep_last: int
     keep_after_done: bool
+    async_save: bool
 
     def config(self, folder):
         """The library's `CheckpointConfig` of this section, saving in `folder`."""
         from cai_jax.checkpoints.train_state import CheckpointConfig
 
-        return CheckpointConfig(directory=str(folder), save_every_steps=self.save_every_steps, keep_last=self.keep_last)
+        return CheckpointConfig(
+            directory=str(folder),
+            save_every_steps=self.save_every_steps,
+            keep_last=self.keep_last,
+            async_save=self.async_save,
+        )
 
 
 @dataclasses.dataclass(frozen=True)

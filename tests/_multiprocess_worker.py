@@ -90,7 +90,7 @@ def ppo(out: str, resume: bool) -> None:
     for n in (1, 2) if resume else (2,):
         state = train_ppo(
             policy, policy, pm, prompts, ppo_cfg=ppo_cfg, optim_cfg=optim, num_iterations=n, seed=0, workdir=out,
-            ckpt_cfg=CheckpointConfig(directory=os.path.join(out, "checkpoints"), save_every_steps=1, keep_last=None),
+            ckpt_cfg=CheckpointConfig(directory=os.path.join(out, "checkpoints"), save_every_steps=1, keep_last=None, async_save=False),
         )  # fmt: skip
     flat = jax.tree_util.tree_flatten_with_path(sharding.to_host(state.params))[0]
     if jax.process_index() == 0:

@@ -191,7 +191,9 @@ def _train(workdir, num_steps, comparisons, *, loss="dpo", beta=0.5, lr=1e-3, sa
     from tests.defaults import optim_config
 
     policy = _lm()
-    ckpt = CheckpointConfig(directory=str(workdir / "ckpt"), save_every_steps=save_every or num_steps, keep_last=None)
+    ckpt = CheckpointConfig(
+        directory=str(workdir / "ckpt"), save_every_steps=save_every or num_steps, keep_last=None, async_save=False
+    )
     return train_dpo(
         policy, policy, comparisons, dpo_cfg=DPOConfig(loss=loss, beta=beta),
         optim_cfg=optim_config(lr=lr, schedule="constant", updates=num_steps), ckpt_cfg=ckpt, mesh_cfg=None,

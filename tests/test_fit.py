@@ -54,7 +54,9 @@ def _run(workdir, num_steps, *, every=3, kill_at=None, monkeypatch=None, source=
         monkeypatch.setattr(logs, "METRICS_SINKS", [sink])
     side = JsonlLog(workdir / "side.jsonl")
     logger = MetricsLogger(workdir / "metrics.jsonl", attachments={"side": side})
-    ckpt = Checkpointer(CheckpointConfig(str(workdir / "ckpt"), save_every_steps=every, keep_last=None))
+    ckpt = Checkpointer(
+        CheckpointConfig(str(workdir / "ckpt"), save_every_steps=every, keep_last=None, async_save=False)
+    )
     try:
         return fit(
             source or Counter(), _update, {"x": jnp.zeros(())}, ckpt=ckpt, logger=logger, num_steps=num_steps, **kw

@@ -28,7 +28,7 @@ SETTINGS = {
     OptimConfig: ("sft.optim", ()),
     RevisionSettings: ("revisions", ()),
     MeshConfig: ("mesh", ()),
-    CheckpointConfig: ("checkpoint", ("async_save",)),
+    CheckpointConfig: ("checkpoint", ()),
 }
 
 

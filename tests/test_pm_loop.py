@@ -89,7 +89,9 @@ def _run(cfg, params, rows, workdir, num_steps, tok, *, save_every=2, **kw):
         params,
         rows,
         optim_cfg=optim_config(lr=1e-3, schedule="constant", updates=num_steps),
-        ckpt_cfg=CheckpointConfig(directory=str(workdir / "ckpt"), save_every_steps=save_every, keep_last=None),
+        ckpt_cfg=CheckpointConfig(
+            directory=str(workdir / "ckpt"), save_every_steps=save_every, keep_last=None, async_save=False
+        ),
         num_steps=num_steps,
         batch_size=BATCH,
         seq_len=SEQ_LEN,

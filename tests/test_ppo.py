@@ -83,7 +83,7 @@ def _rows(workdir) -> list[dict]:
 
 
 def _ckpt(workdir, every=1):
-    return CheckpointConfig(directory=str(workdir / "ckpt"), save_every_steps=every, keep_last=None)
+    return CheckpointConfig(directory=str(workdir / "ckpt"), save_every_steps=every, keep_last=None, async_save=False)
 
 
 def _constant_lr(lr):

@@ -147,7 +147,9 @@ def test_checkpoints_exports_and_loads_open_their_phases(tmp_path, random_params
     state = {"w": jnp.ones((64, 64)), "step": jnp.zeros((), jnp.int32)}
     cfg = tiny_config("llama")
     before = profiling.snapshot()
-    with Checkpointer(CheckpointConfig(str(tmp_path / "ckpt"), save_every_steps=1, keep_last=1)) as ckpt:
+    with Checkpointer(
+        CheckpointConfig(str(tmp_path / "ckpt"), save_every_steps=1, keep_last=1, async_save=False)
+    ) as ckpt:
         assert ckpt.save(1, state, {"position": 0})
         ckpt.wait()
         restored, _ = ckpt.restore(1, target=state)
@@ -168,7 +170,9 @@ def _stage_fns(tmp_path):
         _fresh_program()(jnp.arange(5.0)).block_until_ready()
         with profiling.phase("export"):
             time.sleep(0.05)
-        with Checkpointer(CheckpointConfig(str(ctx.dir / "checkpoints"), save_every_steps=1, keep_last=1)) as ckpt:
+        with Checkpointer(
+            CheckpointConfig(str(ctx.dir / "checkpoints"), save_every_steps=1, keep_last=1, async_save=False)
+        ) as ckpt:
             ckpt.save(1, {"w": jnp.ones((8,))}, {}, force=True)
         return {}
 

@@ -151,7 +151,7 @@ def _resume_run(cfg, workdir, n, every=3):
     return train_rloo(
         lm, lm, None, _prompts(6, seed=1), rloo_cfg=rloo_config(**RESUME),
         optim_cfg=optim_config(lr=1e-3, schedule="constant", updates=1),
-        ckpt_cfg=CheckpointConfig(directory=str(workdir / "ckpt"), save_every_steps=every, keep_last=None),
+        ckpt_cfg=CheckpointConfig(directory=str(workdir / "ckpt"), save_every_steps=every, keep_last=None, async_save=False),
         num_iterations=n, seed=0, workdir=workdir, reward_fn=_reward_first, export_at={2: workdir / "iter_2"},
     )  # fmt: skip
 

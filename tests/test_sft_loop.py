@@ -54,7 +54,9 @@ def _run(cfg, params, examples, workdir, num_steps, *, save_every=3, lr=1e-3, **
         params,
         examples,
         optim_cfg=optim_config(lr=lr, schedule="constant", updates=num_steps),
-        ckpt_cfg=CheckpointConfig(directory=str(workdir / "ckpt"), save_every_steps=save_every, keep_last=None),
+        ckpt_cfg=CheckpointConfig(
+            directory=str(workdir / "ckpt"), save_every_steps=save_every, keep_last=None, async_save=False
+        ),
         num_steps=num_steps,
         batch_size=BATCH,
         seq_len=SEQ_LEN,

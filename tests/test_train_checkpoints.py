@@ -94,7 +94,9 @@ def _assert_trees_equal(a, b):
 
 
 def _cfg(tmp_path, **kw) -> CheckpointConfig:
-    return CheckpointConfig(**{"directory": str(tmp_path / "ckpt"), "save_every_steps": 3, "keep_last": 2, **kw})
+    return CheckpointConfig(
+        **{"directory": str(tmp_path / "ckpt"), "save_every_steps": 3, "keep_last": 2, "async_save": False, **kw}
+    )
 
 
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
@@ -200,11 +202,11 @@ def test_data_state_must_be_json(tmp_path):
 def test_config_from_configdict_and_unknown_field():
     cfg = ml_collections.ConfigDict({"directory": "/tmp/x", "save_every_steps": 5, "keep_last": 2, "async_save": False})
     assert CheckpointConfig.from_config(cfg) == CheckpointConfig("/tmp/x", 5, 2, False)
-    with pytest.raises(ValueError, match=r"missing required field\(s\) \['save_every_steps', 'keep_last'\]"):
+    with pytest.raises(ValueError, match=r"missing required field\(s\) \['save_every_steps', 'keep_last', 'async_save'\]"):
         CheckpointConfig.from_config({"directory": "/tmp/x"})
     with pytest.raises(ValueError, match="save_evry_steps"):
         CheckpointConfig.from_config({"directory": "/tmp/x", "save_evry_steps": 5})
     with pytest.raises(ValueError, match="directory"):
         CheckpointConfig.from_config({"save_every_steps": 5})
     with pytest.raises(ValueError, match="keep_last"):
-        CheckpointConfig(directory="/tmp/x", save_every_steps=1, keep_last=0)
+        CheckpointConfig(directory="/tmp/x", save_every_steps=1, keep_last=0, async_save=False)

@@ -54,14 +54,13 @@ from cai_jax import profiling
 class CheckpointConfig:
     """Where and how often to checkpoint (the ``checkpoint`` sub-dict of a stage config).
 
-    `save_every_steps` and `keep_last` have no default: `configs/base.py`'s `checkpoint` section is
-    their one home. `async_save`, which no config sets, keeps its own.
+    No field has a default: `configs/base.py`'s `checkpoint` section is their one home.
     """
 
     directory: str  # folder holding one sub-folder per saved step
     save_every_steps: int  # optimizer steps between saves (the last step is saved with force=True)
     keep_last: int | None  # number of most recent checkpoints kept; None keeps all
-    async_save: bool = False  # write in a background thread (the call still copies arrays to host first)
+    async_save: bool  # write in a background thread (the call still copies arrays to host first)
 
     def __post_init__(self):
         if not self.directory:

@@ -203,7 +203,10 @@ def _redo_exports(ckpt, target, exports: Mapping[int, Any], export, export_done,
 def default_checkpoints(workdir: str | os.PathLike, num_steps: int) -> CheckpointConfig:
     """`workdir/checkpoints`, saving only the last step: a trainer's default."""
     return CheckpointConfig(
-        directory=os.path.join(workdir, "checkpoints"), save_every_steps=max(int(num_steps), 1), keep_last=3
+        directory=os.path.join(workdir, "checkpoints"),
+        save_every_steps=max(int(num_steps), 1),
+        keep_last=3,
+        async_save=False,
     )
 
 

@@ -2,7 +2,7 @@
 
     optim = OptimConfig.from_config(cfg.sft.optim, updates=1000)  # cfg: a config, e.g. configs/base.py
     state = train_sft(tiny_config("llama"), params, examples, optim_cfg=optim,
-                      ckpt_cfg=CheckpointConfig(directory=f"{workdir}/ckpt", save_every_steps=100, keep_last=2),
+                      ckpt_cfg=CheckpointConfig(directory=f"{workdir}/ckpt", save_every_steps=100, keep_last=2, async_save=False),
                       num_steps=1000, batch_size=8, seq_len=256, seed=0, workdir=workdir)
 
 Writes `workdir/metrics.jsonl` (one row per step: loss, accuracy, tokens, grad_norm, lr,
