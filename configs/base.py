@@ -81,7 +81,9 @@ def get_config(arg=None):
         keep_last=2,  # most recent checkpoints kept while a stage runs
         keep_after_done=False,  # False: delete a stage's checkpoints once its exported artifact is written
         # True: a save copies the state to host memory and writes it in a background thread while
-        # training goes on (a stage waits for it before it ends); False: the step waits for the write.
+        # training goes on (a stage waits for it before it ends); False: the step waits for the
+        # write. Off by default: on 2 CPU cores the write slowed the steps it overlapped by about
+        # what it saved, and the host copies raised the demo's peak memory (BENCHMARKS.md).
         async_save=False,
     )
 

@@ -14,7 +14,6 @@ from configs import base
 def get_config(arg=None):
     c = base.get_config(arg)
     c.checkpoint.save_every_steps = 10
-    c.checkpoint.async_save = True  # the writes overlap the next steps (BENCHMARKS.md: demo profile)
     c.prompts.num_red_team = 40  # 30 train (18 revised, all 30 labelled by the feedback model) + 10 held out
     c.prompts.num_helpful = 16  # 12 train + 4 held out
     # 135M at T = 1 drifts into noise within a few dozen tokens; 0.7 / 0.9 keeps it on topic.

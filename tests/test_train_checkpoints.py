@@ -202,7 +202,9 @@ def test_data_state_must_be_json(tmp_path):
 def test_config_from_configdict_and_unknown_field():
     cfg = ml_collections.ConfigDict({"directory": "/tmp/x", "save_every_steps": 5, "keep_last": 2, "async_save": False})
     assert CheckpointConfig.from_config(cfg) == CheckpointConfig("/tmp/x", 5, 2, False)
-    with pytest.raises(ValueError, match=r"missing required field\(s\) \['save_every_steps', 'keep_last', 'async_save'\]"):
+    with pytest.raises(
+        ValueError, match=r"missing required field\(s\) \['save_every_steps', 'keep_last', 'async_save'\]"
+    ):
         CheckpointConfig.from_config({"directory": "/tmp/x"})
     with pytest.raises(ValueError, match="save_evry_steps"):
         CheckpointConfig.from_config({"directory": "/tmp/x", "save_evry_steps": 5})
