@@ -40,6 +40,13 @@ def _prompts(tokenizer, rows: int, tokens: int) -> list[list[int]]:
     return [tokenizer.encode(f"{r}.")[:1] + base[: tokens - 1] for r in range(rows)]
 
 
+def _call(lm, prompts, seed: int, new_tokens: int) -> None:
+    out = generate(
+        lm, prompts, rng=jax.random.key(seed), max_new_tokens=new_tokens, temperature=0.7, top_p=0.9, stop_at_eos=False
+    )
+    jax.block_until_ready(out.tokens)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[16, 18])
@@ -56,20 +63,13 @@ def main() -> None:
             prompts = _prompts(lm.tokenizer, rows, n)
             b, _, p = call_shapes(lm.config, rows, rows, n, args.new_tokens)
 
-            def call(seed):
-                out = generate(
-                    lm, prompts, rng=jax.random.key(seed), max_new_tokens=args.new_tokens,
-                    temperature=0.7, top_p=0.9, stop_at_eos=False,
-                )  # fmt: skip
-                jax.block_until_ready(out.tokens)
-
             t0 = time.perf_counter()
-            call(0)
+            _call(lm, prompts, 0, args.new_tokens)
             first = time.perf_counter() - t0
             later = []
             for seed in range(1, args.repeats + 1):
                 t0 = time.perf_counter()
-                call(seed)
+                _call(lm, prompts, seed, args.new_tokens)
                 later.append(time.perf_counter() - t0)
             best = min(later)
             print(f"| {rows} ({b}) | {n} ({p}) | {first:.2f} | {best:.2f} | {first - best:.2f} |", flush=True)
