@@ -4,7 +4,8 @@
     ...                                               # run a stage
     profiling.since(before, seconds)                  # {"compile_s": 4.1, "checkpoint_s": 0.8,
                                                       #  "export_s": 1.2, "load_s": 0.3, "run_s": 20.6,
-                                                      #  "cache": {"hits": 41, "misses": 3}}
+                                                      #  "cache": {"hits": 41, "misses": 3},
+                                                      #  "peak_rss_gb": 9.7}
 
     with profiling.phase("export"):                   # or @profiling.phase("export") on a function
         ...
@@ -25,17 +26,25 @@ counted in `cache` (cai_jax/compile_cache.py). `cache` stays zero when that cach
 Phases are opened by the few functions that write or read files in bulk: `Checkpointer` save,
 restore, wait and close ("checkpoint", cai_jax/checkpoints/train_state.py), `save_hf_checkpoint`
 and `save_pm` ("export"), reading safetensors files ("load", cai_jax/checkpoints/hf.py).
+
+Memory: `snapshot` resets the process's peak resident size (Linux: "5" into /proc/self/clear_refs
+sets VmHWM to the current resident size) and `since` reads it back, so `peak_rss_gb` is the
+highest resident size since the snapshot, in 1e9 bytes: what the stage itself needed, plus what
+earlier stages left resident (under the malloc tunables of cai_jax/runtime.py freed memory stays
+resident). The reset is process-wide: the kernel's own peak (getrusage's ru_maxrss, what
+`/usr/bin/time` reports) restarts with it. None where the system does not say.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 
 from cai_jax import compile_cache
 
-__all__ = ["COLUMNS", "PHASES", "install", "phase", "since", "snapshot"]
+__all__ = ["COLUMNS", "PHASES", "install", "peak_memory_gb", "phase", "since", "snapshot"]
 
 PHASES = ("checkpoint", "export", "load")  # the names `phase` accepts
 # timings.json's keys beside "seconds", "resumed" and "cache", in the report's column order.
@@ -131,11 +140,38 @@ class phase(contextlib.ContextDecorator):
             frames[-1].excluded += elapsed
 
 
+def _reset_peak_memory() -> None:
+    if sys.platform == "linux":
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:  # not permitted here: the peak is then the process's since its start
+            pass
+
+
+def peak_memory_gb() -> float | None:
+    """The process's peak resident size (VmHWM; since its start or the last `snapshot`), in 1e9
+    bytes; None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return kb * 1024 / 1e9
+
+
 def snapshot() -> dict:
-    """Seconds per phase and compile seconds of this process so far, and the cache's counts.
+    """Seconds per phase and compile seconds of this process so far, and the cache's counts;
+    resets the process's peak resident size, so that `since` reports the peak from here.
 
     Installs the compile listener first, so the difference to a later snapshot is complete.
     """
+    out = _counters()
+    _reset_peak_memory()
+    return out
+
+
+def _counters() -> dict:
     install()
     with _lock:
         out = dict(_totals)
@@ -147,12 +183,18 @@ def since(before: dict, seconds: float) -> dict:
     """The profile of the `seconds` of wall time since `snapshot()` returned `before`.
 
     Returns {"compile_s", "checkpoint_s", "export_s", "load_s", "run_s", "cache": {"hits",
-    "misses"}}, seconds rounded to 0.01. `run_s` is `seconds` less the others, at least 0 (compile
-    or phases in several threads at once can sum to more than the wall time).
+    "misses"}, "peak_rss_gb"}, seconds rounded to 0.01, the peak to 0.01 GB (None where unknown).
+    `run_s` is `seconds` less the others, at least 0 (compile or phases in several threads at once
+    can sum to more than the wall time).
     """
-    now = snapshot()
+    peak = peak_memory_gb()
+    now = _counters()
     spent = {name: now[name] - before[name] for name in ("compile", *PHASES)}
     out = {f"{name}_s": round(s, 2) for name, s in spent.items()}
     out["run_s"] = round(max(0.0, seconds - sum(spent.values())), 2)
     out["cache"] = {k: now["cache"][k] - before["cache"][k] for k in now["cache"]}
-    return {**{k: out[k] for k in COLUMNS}, "cache": out["cache"]}
+    return {
+        **{k: out[k] for k in COLUMNS},
+        "cache": out["cache"],
+        "peak_rss_gb": None if peak is None else round(peak, 2),
+    }

@@ -32,6 +32,15 @@ first (the launcher, the sweep runner, the plan and the benchmarks, through
 tests). The tunables are for XLA's CPU runtime only: where JAX will run on an accelerator
 (`accelerator_expected`: JAX_PLATFORMS names one, or a CUDA / TPU plugin is installed) nothing is
 changed.
+
+XLA's CPU flags (XLA_CPU_FLAGS, merged into XLA_FLAGS by the same entry points; CAI_JAX_XLA_CPU=0
+leaves XLA_FLAGS as it is, and a flag already in XLA_FLAGS wins): XLA's CPU scheduler orders a
+program's ops for concurrency by default, which keeps more of its temporaries alive at once; the
+memory-minimising order (`--xla_cpu_enable_concurrency_optimized_scheduler=false`, what
+`experiments/plan.py` compiles with) computes the same values in another order. Measured on the
+2-core machine (BENCHMARKS.md, "Peak memory"): the demo's SFT stage run alone peaked at 11.3 GB
+instead of 13.0 GB, its PPO stage at 10.9 and 14.9 GB instead of 14.8 and 15.5 GB (two alternating
+pairs), with the same losses and PPO metrics bit for bit and run times within the spread.
 """
 
 from __future__ import annotations
@@ -57,6 +66,8 @@ MODES = {
     ),
 }
 MALLOC_TUNABLES = MODES["fast"]
+XLA_CPU_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
+XLA_OPT_OUT = "CAI_JAX_XLA_CPU"  # "0": leave XLA_FLAGS alone
 OPT_OUT = "CAI_JAX_MALLOC"  # "fast" (default), "bounded", or "0": glibc's defaults
 _APPLIED = "CAI_JAX_MALLOC_APPLIED"  # set in the re-executed process, so it never loops
 
@@ -78,6 +89,19 @@ def merged_tunables(current: str, mode: str = "fast") -> str:
     have = {p.split("=", 1)[0] for p in parts}
     parts += [f"{k}={v}" for k, v in MODES[mode] if k not in have]
     return ":".join(parts)
+
+
+def merged_xla_flags(current: str) -> str:
+    """XLA_FLAGS value: `current` (kept as is, its flags win) plus those of XLA_CPU_FLAGS it does not set."""
+    parts = current.split()
+    have = {p.split("=", 1)[0] for p in parts}
+    return " ".join(parts + [f for f in XLA_CPU_FLAGS if f.split("=", 1)[0] not in have])
+
+
+def _with_xla_cpu_flags(env: dict[str, str]) -> dict[str, str]:
+    if env.get(XLA_OPT_OUT, "1").strip().lower() not in ("0", "off", "none") and not accelerator_expected(env):
+        env["XLA_FLAGS"] = merged_xla_flags(env.get("XLA_FLAGS", ""))
+    return env
 
 
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")
@@ -106,8 +130,9 @@ def wants_reexec(environ=None) -> bool:
 
 
 def malloc_env(environ=None) -> dict[str, str]:
-    """A copy of the environment with the tunables merged in (for launching a child process)."""
-    env = dict(os.environ if environ is None else environ)
+    """A copy of the environment with the tunables and XLA's CPU flags merged in (for launching a
+    child process)."""
+    env = _with_xla_cpu_flags(dict(os.environ if environ is None else environ))
     mode = malloc_mode(env)
     if mode is not None and not accelerator_expected(env):
         env["GLIBC_TUNABLES"] = merged_tunables(env.get("GLIBC_TUNABLES", ""), mode)
@@ -119,8 +144,10 @@ def reexec_with_malloc_tunables() -> None:
     """Replaces this process with the same command under `malloc_env()`, when `wants_reexec()`.
 
     Call it first thing in a main program, before threads start or work is done: whatever the
-    process did before is lost. Returns only when no re-exec is needed (or exec is impossible).
+    process did before is lost. Returns only when no re-exec is needed (or exec is impossible);
+    either way XLA's CPU flags are in XLA_FLAGS afterwards (read when JAX starts its backend).
     """
+    os.environ.update(_with_xla_cpu_flags(dict(os.environ)))
     if not wants_reexec():
         return
     argv = [sys.executable, *getattr(sys, "orig_argv", [sys.executable, *sys.argv])[1:]]

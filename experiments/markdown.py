@@ -86,8 +86,8 @@ def write_report(
       notes: free-text lines, written as a list.
       findings: generated statements ("what this run shows"), written as a list first.
       stage_profile: {stage: timings.json's profile of it} ("compile_s", "checkpoint_s",
-        "export_s", "load_s", "run_s", "cache": {"hits", "misses"}; cai_jax/profiling.py): one
-        column each beside the wall time; a stage without one shows "-".
+        "export_s", "load_s", "run_s", "cache": {"hits", "misses"}, "peak_rss_gb";
+        cai_jax/profiling.py): one column each beside the wall time; a stage without one shows "-".
     """
     path = Path(path)
     if path.suffix.lower() != ".md":

@@ -338,6 +338,7 @@ def _run_stages(workdir, selected, by_name, configs, hashes, present, done, sett
 
             multihost_utils.sync_global_devices(f"stage {name} done")
         parts = ", ".join(f"{key[:-2]} {profile[key]:.1f}" for key in profiling.COLUMNS)
-        print(f"[launch] stage {name} finished in {seconds:.1f} s ({parts} s)", flush=True)
+        peak = "" if profile["peak_rss_gb"] is None else f"; peak RSS {profile['peak_rss_gb']:.1f} GB"
+        print(f"[launch] stage {name} finished in {seconds:.1f} s ({parts} s{peak})", flush=True)
         records[name] = record
     return records

@@ -7,7 +7,8 @@ artifact is optional: a stage that did not run, or a future artifact that is abs
 Artifacts read (paths relative to the workdir):
   config.json, <stage>/DONE
   timings.json                           {stage: {seconds, resumed, compile_s, checkpoint_s,
-                                         export_s, load_s, run_s, cache: {hits, misses}}}
+                                         export_s, load_s, run_s, cache: {hits, misses},
+                                         peak_rss_gb}}
   revisions/<kind>/rows-p*-b*.jsonl      one row per prompt: id, prompt, initial_response,
                                          rounds [{principle_id, critique_request, critique,
                                          revision_request, revision}]

@@ -126,12 +126,16 @@ def stage_timings_table(
 ) -> Table:
     """Wall time and share of each stage, then "total"; with timings.json's profile columns
     (compile, checkpoint, export, load, run seconds and persistent-cache hits / misses;
-    cai_jax/profiling.py) when any stage has a profile ("-" for one without), and a "resumed"
-    column when `resumed` (the names of the resumed stages) is given. Cells are strings."""
+    cai_jax/profiling.py) when any stage has a profile ("-" for one without), its peak resident
+    memory (GB; the total row: the highest) when any profile has one, and a "resumed" column when
+    `resumed` (the names of the resumed stages) is given. Cells are strings."""
     total = float(sum(stage_timings.values()))
     columns = profiling.COLUMNS if stage_profile else ()
     header = ["stage", "wall time (s)", "share"] + (["resumed"] if resumed is not None else [])
     header += [f"{c[:-2]} (s)" for c in columns] + (["cache hits / misses"] if columns else [])
+    with_peak = any((p or {}).get("peak_rss_gb") is not None for p in stage_profile.values())
+    header += ["peak RSS (GB)"] if with_peak else []
+    peaks = []
     sums = dict.fromkeys((*columns, "hits", "misses"), 0.0)
     rows = []
     for name, seconds in stage_timings.items():
@@ -145,9 +149,14 @@ def stage_timings_table(
         row += [_seconds(values[c]) for c in columns]
         if columns:
             row.append("-" if not cache else f"{values['hits']} / {values['misses']}")
+        if with_peak:
+            peak = p.get("peak_rss_gb")
+            peaks += [] if peak is None else [float(peak)]
+            row.append("-" if peak is None else f"{float(peak):.1f}")
         rows.append(row)
     last = ["total", _seconds(total), ""] + ([""] if resumed is not None else [])
     last += [_seconds(sums[c]) for c in columns] + ([f"{sums['hits']:.0f} / {sums['misses']:.0f}"] if columns else [])
+    last += [f"{max(peaks):.1f}"] if with_peak else []
     return header, rows + [last]
 
 

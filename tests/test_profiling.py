@@ -138,7 +138,7 @@ def test_since_names_every_column_and_run_is_the_rest(clock):
     with profiling.phase("export"):
         clock.now += 0.5
     out = profiling.since(before, 10.0)
-    assert list(out) == [*profiling.COLUMNS, "cache"]
+    assert list(out) == [*profiling.COLUMNS, "cache", "peak_rss_gb"]
     assert out["checkpoint_s"] == 1.25 and out["export_s"] == 0.5 and out["run_s"] == 8.25
     assert profiling.since(profiling.snapshot(), 0.0)["run_s"] == 0.0  # never below zero
 
@@ -203,7 +203,7 @@ def test_pipeline_writes_the_profile_of_each_stage_and_the_report_shows_it(tmp_p
     timings = json.loads((work / "timings.json").read_text())
     assert list(timings) == ["revisions", "sft"]
     for name, t in timings.items():
-        assert set(t) == {"seconds", "resumed", *profiling.COLUMNS, "cache"}, name
+        assert set(t) == {"seconds", "resumed", *profiling.COLUMNS, "cache", "peak_rss_gb"}, name
         assert set(t["cache"]) == {"hits", "misses"}
         # run_s is the rest of the wall time (each value rounded to 0.01 s)
         assert sum(t[c] for c in profiling.COLUMNS) == pytest.approx(t["seconds"], abs=0.03), name
@@ -226,11 +226,12 @@ def test_pipeline_writes_the_profile_of_each_stage_and_the_report_shows_it(tmp_p
     header = next(line for line in md.splitlines() if line.startswith("| stage |"))
     assert header == (
         "| stage | wall time (s) | share | compile (s) | checkpoint (s) | export (s) | load (s) | run (s) "
-        "| cache hits / misses |"
+        "| cache hits / misses | peak RSS (GB) |"
     )
     row = next(line for line in md.splitlines() if line.startswith("| sft |")).split(" | ")
     assert row[3] == f"{sft['compile_s']:.1f}" and row[5] == f"{sft['export_s']:.1f}"
-    assert row[-1] == f"{sft['cache']['hits']} / {sft['cache']['misses']} |"
+    assert row[-2] == f"{sft['cache']['hits']} / {sft['cache']['misses']}"
+    assert row[-1] == f"{sft['peak_rss_gb']:.1f} |"
 
 
 def test_report_columns_by_hand(tmp_path):
@@ -253,6 +254,17 @@ def test_report_columns_by_hand(tmp_path):
     assert "| revisions | 30.0 | 75.0% | - | - | - | - | - | - |" in md
     assert "| sft | 10.0 | 25.0% | 3.0 | 1.0 | 2.0 | 0.5 | 3.5 | 4 / 1 |" in md
     assert "| **total** | 40.0 | | 3.0 | 1.0 | 2.0 | 0.5 | 3.5 | 4 / 1 |" in md
+    peaks = write_report(
+        tmp_path / "m.md",
+        config={},
+        stage_timings={"revisions": 30.0, "sft": 10.0, "pm": 5.0},
+        stage_profile={"sft": {**profile, "peak_rss_gb": 12.34}, "pm": {**profile, "peak_rss_gb": 3.0}},
+        figures={},
+        tables={},
+    ).read_text()  # revisions profiled before peaks were recorded: "-"; the total row is the highest
+    assert "| revisions | 30.0 | 66.7% | - | - | - | - | - | - | - |" in peaks
+    assert "| sft | 10.0 | 22.2% | 3.0 | 1.0 | 2.0 | 0.5 | 3.5 | 4 / 1 | 12.3 |" in peaks
+    assert "| **total** | 45.0 | | 6.0 | 2.0 | 4.0 | 1.0 | 7.0 | 8 / 2 | 12.3 |" in peaks
     plain = write_report(
         tmp_path / "p.md", config={}, stage_timings={"sft": 10.0}, figures={}, tables={}
     ).read_text()  # an old timings.json: the table as it was
@@ -276,3 +288,22 @@ def test_explorer_shows_the_profile_columns(tmp_path):
     assert "<th>compile (s)</th><th>checkpoint (s)</th><th>export (s)</th><th>load (s)</th><th>run (s)</th>" in html
     assert "<tr><td>sft</td><td>2.0</td><td>40.0%</td><td>yes</td><td>1.0</td>" in html
     assert "<td>2 / 7</td></tr>" in html
+
+
+@pytest.mark.skipif(profiling.peak_memory_gb() is None, reason="the peak resident size is read from Linux's /proc")
+def test_peak_memory_is_per_interval():
+    import mmap
+
+    import numpy as np
+
+    before = profiling.snapshot()
+    base = profiling.peak_memory_gb()
+    block = mmap.mmap(-1, 400 << 20)  # its own mapping: resident once touched, gone once closed
+    view = np.frombuffer(block, dtype=np.uint8)
+    view[:] = 1
+    del view
+    block.close()
+    first = profiling.since(before, 1.0)["peak_rss_gb"]
+    assert first >= base + 0.38, (base, first)
+    second = profiling.since(profiling.snapshot(), 1.0)["peak_rss_gb"]
+    assert second < first - 0.35, (first, second)  # the next interval starts from the current size
