@@ -49,6 +49,7 @@ import importlib.util
 import os
 import platform
 import sys
+from collections.abc import MutableMapping
 
 _HUGE = str(1 << 40)
 MODES = {
@@ -68,6 +69,7 @@ MODES = {
 MALLOC_TUNABLES = MODES["fast"]
 XLA_CPU_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
 XLA_OPT_OUT = "CAI_JAX_XLA_CPU"  # "0": leave XLA_FLAGS alone
+_OFF = ("0", "off", "none")  # what turns CAI_JAX_MALLOC or CAI_JAX_XLA_CPU off
 OPT_OUT = "CAI_JAX_MALLOC"  # "fast" (default), "bounded", or "0": glibc's defaults
 _APPLIED = "CAI_JAX_MALLOC_APPLIED"  # set in the re-executed process, so it never loops
 
@@ -76,7 +78,7 @@ def malloc_mode(environ=None) -> str | None:
     """The tunable set CAI_JAX_MALLOC selects: "fast", "bounded", or None (off)."""
     env = os.environ if environ is None else environ
     mode = env.get(OPT_OUT, "fast").strip().lower() or "fast"
-    if mode in ("0", "off", "none"):
+    if mode in _OFF:
         return None
     if mode not in MODES:
         raise ValueError(f"{OPT_OUT}={env.get(OPT_OUT)!r}: expected one of fast, bounded, 0")
@@ -98,10 +100,10 @@ def merged_xla_flags(current: str) -> str:
     return " ".join(parts + [f for f in XLA_CPU_FLAGS if f.split("=", 1)[0] not in have])
 
 
-def _with_xla_cpu_flags(env: dict[str, str]) -> dict[str, str]:
-    if env.get(XLA_OPT_OUT, "1").strip().lower() not in ("0", "off", "none") and not accelerator_expected(env):
+def _add_xla_cpu_flags(env: MutableMapping[str, str]) -> None:
+    """Merges XLA_CPU_FLAGS into `env`'s XLA_FLAGS, unless turned off or JAX runs on an accelerator."""
+    if env.get(XLA_OPT_OUT, "1").strip().lower() not in _OFF and not accelerator_expected(env):
         env["XLA_FLAGS"] = merged_xla_flags(env.get("XLA_FLAGS", ""))
-    return env
 
 
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")
@@ -132,7 +134,8 @@ def wants_reexec(environ=None) -> bool:
 def malloc_env(environ=None) -> dict[str, str]:
     """A copy of the environment with the tunables and XLA's CPU flags merged in (for launching a
     child process)."""
-    env = _with_xla_cpu_flags(dict(os.environ if environ is None else environ))
+    env = dict(os.environ if environ is None else environ)
+    _add_xla_cpu_flags(env)
     mode = malloc_mode(env)
     if mode is not None and not accelerator_expected(env):
         env["GLIBC_TUNABLES"] = merged_tunables(env.get("GLIBC_TUNABLES", ""), mode)
@@ -147,7 +150,7 @@ def reexec_with_malloc_tunables() -> None:
     process did before is lost. Returns only when no re-exec is needed (or exec is impossible);
     either way XLA's CPU flags are in XLA_FLAGS afterwards (read when JAX starts its backend).
     """
-    os.environ.update(_with_xla_cpu_flags(dict(os.environ)))
+    _add_xla_cpu_flags(os.environ)
     if not wants_reexec():
         return
     argv = [sys.executable, *getattr(sys, "orig_argv", [sys.executable, *sys.argv])[1:]]

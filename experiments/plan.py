@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from cai_jax.runtime import XLA_CPU_FLAGS
 from experiments.config_util import ConfigError, load_config, parse_known_overrides
 
 STAGE_NAMES = ("revisions", "sft", "feedback", "pm", "ppo", "eval")
@@ -34,7 +35,7 @@ STAGE_NAMES = ("revisions", "sft", "feedback", "pm", "ppo", "eval")
 # accelerator's scheduler does under its memory limit (the same forward: 2.9 GiB). LLVM's
 # optimisation level changes the machine code, not the buffers: level 0 halves the compile time
 # with the same memory and cost analysis.
-PLAN_XLA_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false --xla_backend_optimization_level=0"
+PLAN_XLA_FLAGS = " ".join((*XLA_CPU_FLAGS, "--xla_backend_optimization_level=0"))
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:

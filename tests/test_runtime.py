@@ -113,7 +113,7 @@ def test_xla_cpu_flags_are_merged_and_the_users_win():
     merged = runtime.merged_xla_flags("--xla_force_host_platform_device_count=8")
     assert merged == f"--xla_force_host_platform_device_count=8 {flag}"
     assert runtime.merged_xla_flags(merged) == merged  # idempotent
-    assert runtime.malloc_env(_clean_env())["XLA_FLAGS"] == flag
+    assert runtime.malloc_env(_clean_env(JAX_PLATFORMS="cpu"))["XLA_FLAGS"] == flag
     assert "XLA_FLAGS" not in runtime.malloc_env(_clean_env(CAI_JAX_XLA_CPU="0"))  # turned off
     assert "XLA_FLAGS" not in runtime.malloc_env(_clean_env(JAX_PLATFORMS="cuda"))  # not for accelerators
     # the in-process path (no re-exec needed: the tunables are off) still sets them for JAX
@@ -122,7 +122,11 @@ def test_xla_cpu_flags_are_merged_and_the_users_win():
         "runtime.reexec_with_malloc_tunables(); print(os.environ.get('XLA_FLAGS'))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], env=_clean_env(CAI_JAX_MALLOC="0"), capture_output=True, text=True, check=True
+        [sys.executable, "-c", code],
+        env=_clean_env(CAI_JAX_MALLOC="0", JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.strip() == flag, out.stdout
 
@@ -146,5 +150,5 @@ def test_the_xla_cpu_flags_keep_fewer_temporaries_alive():
         )
 
     default = temps(_clean_env(CAI_JAX_XLA_CPU="0"))
-    ours = temps(runtime.malloc_env(_clean_env(CAI_JAX_MALLOC="0")))
+    ours = temps(runtime.malloc_env(_clean_env(CAI_JAX_MALLOC="0", JAX_PLATFORMS="cpu")))
     assert ours * 4 <= default, (ours, default)  # measured: 256 KiB vs 2 MiB
