@@ -291,6 +291,26 @@ def test_decode_with_stacked_layers_is_exact(dtype, random_params):
     assert got_cache["k"].shape == (cfg.num_layers, b, cfg.num_kv_heads, cfg.head_dim, t + 2)
 
 
+def test_decode_keeps_stacked_bf16_weights_in_bf16():
+    # Scanned over as bf16, the stacked kernels were converted by XLA's CPU backend to one f32 copy
+    # of every layer before the loop (twice the bytes each decode step reads, and the copy held in
+    # memory). The compiled program must hold no f32 array of a stacked kernel's shape.
+    cfg = tiny_config("llama", dtype="bfloat16")
+    model = Transformer(cfg)
+    stacked = stack_layers(init_params(cfg, jax.random.PRNGKey(0)), cfg)
+    b, s = 2, 8
+
+    def step(p, cache, tok):
+        mask = jnp.ones((b, s), bool)
+        return model.apply({"params": p}, tok, jnp.zeros((b, 1), jnp.int32), cache, 0, mask, method="decode")
+
+    hlo = jax.jit(step).lower(stacked, init_cache(cfg, b, s), jnp.zeros((b, 1), jnp.int32)).compile().as_text()
+    for path, kernel in jax.tree_util.tree_leaves_with_path(stacked["layers"]):
+        if kernel.dtype == jnp.bfloat16:
+            f32 = "f32[" + ",".join(map(str, kernel.shape)) + "]"
+            assert f32 not in hlo, jax.tree_util.keystr(path)
+
+
 # ---------------------------------------------------------------- scalar heads
 
 

@@ -278,13 +278,16 @@ class Transformer(nn.Module):
         params = self.variables["params"]
         stacked = params[STACKED] if STACKED in params else _stack(params, cfg.num_layers)
         block = Block(cfg, parent=None)
+        dtypes = jax.tree.map(lambda a: a.dtype, stacked)
 
         def body(carry, xs):
             x, kv = carry
             layer_params, i = xs
+            layer_params = jax.tree.map(_from_bits, layer_params, dtypes)
             return block.apply({"params": layer_params}, x, positions_BT, mask_BTS, kv, cache_index, i), None
 
-        (x_BTE, cache), _ = jax.lax.scan(body, (x_BTE, cache), (stacked, jnp.arange(cfg.num_layers)))
+        xs = (jax.tree.map(_to_bits, stacked), jnp.arange(cfg.num_layers))
+        (x_BTE, cache), _ = jax.lax.scan(body, (x_BTE, cache), xs)
         return x_BTE, cache
 
     def logits(self, h_BTE: jax.Array) -> jax.Array:
@@ -383,6 +386,21 @@ class Transformer(nn.Module):
 
 
 STACKED = "layers"  # the key of pre-stacked block parameters (`stack_layers`)
+
+
+def _to_bits(x: jax.Array) -> jax.Array:
+    """bf16 -> its uint16 bits (free), so that XLA's CPU backend keeps the scanned weights in bf16.
+
+    Given bf16 scan inputs, XLA on CPU converts the whole stacked array to f32 before the loop and
+    each step slices the f32 copy and converts it back: twice the bytes read per step, and an f32
+    copy of every layer's weights held beside the bf16 one (BENCHMARKS.md, "Compile time"). Integer
+    bits are sliced as they are.
+    """
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+
+
+def _from_bits(x: jax.Array, dtype) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
 
 
 def _stack(params: dict, num_layers: int) -> dict:
