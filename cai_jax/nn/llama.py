@@ -263,9 +263,11 @@ class Transformer(nn.Module):
         With a cache (prefill, decode, option scoring) the blocks are a scan over the layers'
         stacked parameters: a program traces and compiles one block instead of num_layers copies,
         which on a CPU was most of a sampler's compile time. The scan's price is a copy of each
-        layer's weights per call (its dynamic slice): 4-7 ms per decode step of SmolLM2-135M on
-        2 CPU cores at 16 rows, and decode 31% slower at 64 rows (BENCHMARKS.md, "Compile
-        time"). A full forward pass (training, teacher-forced scoring) runs the blocks one by one: an SFT step under a scan ran 1.4x slower on CPU and compiled no faster (BENCHMARKS.md).
+        layer's weights and of its cache slice per step (their dynamic slices; bf16 weights are
+        sliced as uint16 bits, `_to_bits`): at 64 rows of SmolLM2-135M on 2 CPU cores decode ran
+        2.4-2.5x transformers fp32, against 3.1x unrolled (BENCHMARKS.md, "Compile time"). A full
+        forward pass (training, teacher-forced scoring) runs the blocks one by one: an SFT step
+        under a scan ran 1.4x slower on CPU and compiled no faster (BENCHMARKS.md).
         The parameters stay one subtree per layer (`layers_{i}`, as in HF checkpoints); a caller
         that applies the model many times with the same weights stacks them once (`stack_layers`),
         otherwise they are stacked here.
