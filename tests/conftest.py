@@ -17,16 +17,9 @@ TESTDATA = Path(__file__).resolve().parent / "testdata"
 def pytest_configure(config):
     """The persistent compilation cache for this process and the launches it starts (same programs
     compile once per machine, not once per test; `CAI_JAX_COMPILATION_CACHE=0` turns it off)."""
-    import os
-
-    from cai_jax import compile_cache, runtime
+    from cai_jax import compile_cache
 
     compile_cache.enable()
-    # The tests' launches compile tiny programs, so they are bound by compile time, which XLA's
-    # memory-minimising CPU scheduler (runtime.XLA_CPU_FLAGS) raises by ~30%; it only lowers the
-    # peak memory of real models and computes the same bits (BENCHMARKS.md, "Test suite wall
-    # time"). Off for the suite unless the caller chose; test_runtime checks the flag itself.
-    os.environ.setdefault(runtime.XLA_OPT_OUT, "0")
 
 
 TINY_FAMILIES = ("llama", "qwen2", "mistral")
