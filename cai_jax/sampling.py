@@ -48,6 +48,9 @@ from cai_jax.stop_strings import stop_tables
 from cai_jax.text import bucket_length, eos_ids, pad_batch_size, pad_id
 from cai_jax.token_choice import inverse_cdf, process_logits
 
+# From this many padded rows a call runs the blocks unrolled over a per-layer KV cache: the scan's
+# copy of each layer's cache slice per step grows with the rows and outweighs the longer compile.
+UNROLL_ROWS = 64
 STOP_NONE, STOP_EOS, STOP_STRING = 0, 1, 2  # values of SampleOutput.stop_reason (0: ran to max_new_tokens)
 
 
@@ -102,22 +105,27 @@ def _choose(logits_BV, keys_B, step, s: _Settings):
 # ---------------------------------------------------------------- the loop
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "s"))
-def _sample(params, tokens_UP, mask_UP, src_B, row_ids_B, rng, stop_table_KQV, stop_final_K, eos_E, *, cfg, s):
-    """Prefill the U distinct prompts once, copy their caches to the B rows (src_B), then decode."""
+@functools.partial(jax.jit, static_argnames=("cfg", "s", "per_layer"))
+def _sample(
+    params, tokens_UP, mask_UP, src_B, row_ids_B, rng, stop_table_KQV, stop_final_K, eos_E, *, cfg, s, per_layer=False
+):
+    """Prefill the U distinct prompts once, copy their caches to the B rows (src_B), then decode.
+
+    `per_layer`: the blocks unrolled over one cache per layer, else a scan over a stacked cache.
+    """
     model = Transformer(cfg)
-    params = stack_layers(params, cfg)  # once, not in every decode step
+    params = stack_layers(params, cfg, stack=not per_layer)  # once, not in every decode step
     u, p = tokens_UP.shape
     b = src_B.shape[0]
     n = s.max_new_tokens
     kv_mask_US = jnp.zeros((u, p + n), bool).at[:, :p].set(mask_UP)
     positions_UP = jnp.maximum(jnp.cumsum(mask_UP, axis=1) - 1, 0).astype(jnp.int32)
     logits_U1V, cache = model.apply(
-        {"params": params}, tokens_UP, positions_UP, init_cache(cfg, u, p + n), 0, kv_mask_US, None, True,
+        {"params": params}, tokens_UP, positions_UP, init_cache(cfg, u, p + n, per_layer=per_layer), 0, kv_mask_US, None, True,
         method="decode",
     )  # fmt: skip
     rows = lambda x: jnp.take(x, src_B, axis=0)  # noqa: E731
-    cache = jax.tree.map(lambda x: jnp.take(x, src_B, axis=1), cache)  # [L, B, ...]
+    cache = jax.tree.map(lambda x: jnp.take(x, src_B, axis=0 if per_layer else 1), cache)  # rows U -> B
     logits_B1V, kv_mask_BS, mask_BP, positions_BP = map(rows, (logits_U1V, kv_mask_US, mask_UP, positions_UP))
     n_real_B = jnp.sum(mask_BP, axis=1).astype(jnp.int32)
     # Position of every cache slot (read only by sliding-window attention).
@@ -241,7 +249,7 @@ def abstract_sample_call(
         arg((0,), jnp.int32),
         arg((max(num_eos, 1),), jnp.int32),
     )
-    return _sample, args, {"cfg": cfg, "s": s}
+    return _sample, args, {"cfg": cfg, "s": s, "per_layer": rows >= UNROLL_ROWS}
 
 
 def abstract_decode_step(cfg: ModelConfig, params: Any, *, rows: int, cache_len: int, sharding: Any = None):
@@ -321,6 +329,7 @@ def generate(
     truncate: bool = False,
     min_bucket: int = 16,
     row_offset: int = 0,
+    unroll_layers: bool | None = None,
 ) -> SampleOutput:
     """Samples continuations of token-id prompts with a KV cache (see the module docstring).
 
@@ -340,6 +349,9 @@ def generate(
       min_bucket: smallest padded prompt length.
       row_offset: index of `prompt_ids[0]` in a larger batch that several processes sample a
         share of each: row i draws as row `row_offset + i` of that batch would.
+      unroll_layers: run the blocks unrolled over a per-layer KV cache instead of as a scan over a
+        stacked one; None: unrolled when a call's padded rows are at least `UNROLL_ROWS`. The
+        same numbers either way; only speed and compile time differ.
 
     Returns:
       SampleOutput with tokens [B, N], logprobs [B, N], lengths [B], stop_reason [B].
@@ -376,7 +388,11 @@ def generate(
             mask[r, p - len(ids) :] = True
         mask[len(distinct) :, -1] = True  # filler prompts: one real token keeps them well defined
         row_ids = np.arange(row_offset + start, row_offset + start + b, dtype=np.int32)
-        out = _sample(params, tokens, mask, src, row_ids, rng, stop_table, stop_final, eos_arr, cfg=cfg, s=settings)
+        per_layer = b >= UNROLL_ROWS if unroll_layers is None else bool(unroll_layers)
+        out = _sample(
+            params, tokens, mask, src, row_ids, rng, stop_table, stop_final, eos_arr,
+            cfg=cfg, s=settings, per_layer=per_layer,
+        )  # fmt: skip
         results.append([x[: len(rows)] for x in out])
     tokens, logprobs, lengths, reason = (jnp.concatenate(xs) if len(results) > 1 else xs[0] for xs in zip(*results))
     return SampleOutput(tokens, logprobs, lengths, np.asarray(reason), tuple(stop_strings))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -264,7 +265,7 @@ def test_decode_matches_full_forward(family, random_params):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_decode_with_stacked_layers_is_exact(dtype, random_params):
+def test_decode_with_stacked_or_unrolled_layers_is_exact(dtype, random_params):
     # stack_layers casts the stacked kernels to the matmul dtype ahead: the same numbers as
     # casting them inside every matmul. Norm scales (used in fp32) must not be cast.
     cfg = tiny_config("qwen2", dtype=dtype)
@@ -280,8 +281,8 @@ def test_decode_with_stacked_layers_is_exact(dtype, random_params):
     positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
 
     def decode(p):
-        out = model.apply(
-            {"params": p}, tokens, positions, init_cache(cfg, b, t + 2), 0, mask, method=Transformer.decode
+        out = jax.jit(functools.partial(model.apply, method=Transformer.decode))(
+            {"params": p}, tokens, positions, init_cache(cfg, b, t + 2), 0, mask
         )
         return jax.tree.map(np.asarray, out)
 
@@ -289,6 +290,18 @@ def test_decode_with_stacked_layers_is_exact(dtype, random_params):
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got_cache["k"], want_cache["k"])
     assert got_cache["k"].shape == (cfg.num_layers, b, cfg.num_kv_heads, cfg.head_dim, t + 2)
+    # The blocks unrolled over a per-layer cache (the sampler's path for large batches), with the
+    # kernels cast per layer or stacked: the same numbers, and each layer's cache where the scan put it.
+    for p in (stack_layers(params, cfg, stack=False), stacked):
+        per_layer = init_cache(cfg, b, t + 2, per_layer=True)
+        out, caches = jax.jit(functools.partial(model.apply, method=Transformer.decode))(
+            {"params": p}, tokens, positions, per_layer, 0, mask
+        )
+        np.testing.assert_array_equal(np.asarray(out), want)
+        assert len(caches) == cfg.num_layers
+        for i, kv in enumerate(caches):
+            np.testing.assert_array_equal(np.asarray(kv["k"]), want_cache["k"][i])
+            np.testing.assert_array_equal(np.asarray(kv["v"]), want_cache["v"][i])
 
 
 def test_decode_keeps_stacked_bf16_weights_in_bf16():

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cai_jax import sampling
 from cai_jax.models import Transformer, init_params, tiny_config
 from cai_jax.sampling import (
     STOP_EOS,
@@ -106,6 +107,25 @@ def test_identical_prompts_share_a_prefill_but_sample_independently(tiny):
     np.testing.assert_array_equal(shared.tokens[1:], separate.tokens[1:])
     np.testing.assert_allclose(shared.logprobs[1:], separate.logprobs[1:], atol=LOGP_TOL)
     assert not np.array_equal(np.asarray(shared.tokens[0]), np.asarray(shared.tokens[1]))
+
+
+def test_unrolled_blocks_sample_what_the_scan_samples(tiny, monkeypatch):
+    # Large calls run the blocks unrolled over a per-layer cache (UNROLL_ROWS): same tokens and
+    # log-probs, bit for bit, as the scan over a stacked cache, shared prefills included.
+    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[2], [5] * 20]
+    kw = dict(rng=jax.random.key(5), max_new_tokens=9, temperature=1.0, stop_at_eos=False)
+    scan = generate(tiny, prompts, unroll_layers=False, **kw)
+    unrolled = generate(tiny, prompts, unroll_layers=True, **kw)
+    np.testing.assert_array_equal(unrolled.tokens, scan.tokens)
+    np.testing.assert_array_equal(unrolled.logprobs, scan.logprobs)
+    # By default the padded row count chooses.
+    chosen = []
+    real = sampling._sample
+    monkeypatch.setattr(sampling, "_sample", lambda *a, **k: chosen.append(k["per_layer"]) or real(*a, **k))
+    monkeypatch.setattr(sampling, "UNROLL_ROWS", 8)
+    generate(tiny, prompts, **kw)  # 5 rows, padded to 8
+    generate(tiny, prompts[:3], **kw)  # 3 rows, padded to 4
+    assert chosen == [True, False]
 
 
 def test_bf16_matmuls_track_fp32():

@@ -26,7 +26,9 @@ import numpy as np
 from cai_jax.nn import cpu_matmul
 from cai_jax.nn.config import ModelConfig
 
-Cache = dict  # {"k": [L, B, K, D, S], "v": [L, B, K, S, D]}: every layer's keys and values
+# {"k": [L, B, K, D, S], "v": [L, B, K, S, D]}: every layer's keys and values (the blocks run as a
+# scan), or a list of L {"k": [B, K, D, S], "v": [B, K, S, D]} (the blocks unrolled); see `init_cache`.
+Cache = dict | list
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite, so fully masked rows give no NaN
 
 
@@ -134,7 +136,12 @@ class Attention(nn.Module):
         k_BKDT = k_BTKD.transpose(0, 2, 3, 1)
         v_BKTD = v_BTKD.transpose(0, 2, 1, 3)
         new_cache = None
-        if cache is not None:
+        if cache is not None and layer is None:
+            # This layer's own cache (the blocks unrolled): the new slots are written in place.
+            k_BKDS = jax.lax.dynamic_update_slice(cache["k"], k_BKDT.astype(cache["k"].dtype), (0, 0, 0, cache_index))
+            v_BKSD = jax.lax.dynamic_update_slice(cache["v"], v_BKTD.astype(cache["v"].dtype), (0, 0, cache_index, 0))
+            new_cache = {"k": k_BKDS, "v": v_BKSD}
+        elif cache is not None:
             # The cache holds every layer ([L, ...]): the new slots are written in place into this
             # layer's part, which is then read for attention.
             k_LBKDS = jax.lax.dynamic_update_slice(
@@ -258,19 +265,20 @@ class Transformer(nn.Module):
             )
 
     def _blocks(self, x_BTE, positions_BT, mask_BTS, cache=None, cache_index=None):
-        """The decoder blocks: one by one in a full forward pass, as a `lax.scan` against a KV cache.
+        """The decoder blocks: one by one, or as a `lax.scan` over the layers against a stacked cache.
 
-        With a cache (prefill, decode, option scoring) the blocks are a scan over the layers'
-        stacked parameters: a program traces and compiles one block instead of num_layers copies,
-        which on a CPU was most of a sampler's compile time. The scan's price is a copy of each
-        layer's weights and of its cache slice per step (their dynamic slices; bf16 weights are
-        sliced as uint16 bits, `_to_bits`): at 64 rows of SmolLM2-135M on 2 CPU cores decode ran
-        2.4-2.5x transformers fp32, against 3.1x unrolled (BENCHMARKS.md, "Compile time"). A full
-        forward pass (training, teacher-forced scoring) runs the blocks one by one: an SFT step
-        under a scan ran 1.4x slower on CPU and compiled no faster (BENCHMARKS.md).
+        Without a cache (training, teacher-forced scoring) and with a per-layer cache (a list, see
+        `init_cache`) the blocks run one by one. With a stacked cache (prefill, decode, option
+        scoring) they are a scan over the layers' stacked parameters: a program traces and
+        compiles one block instead of num_layers copies, which on a CPU was most of a sampler's
+        compile time. The scan's price is a copy of each layer's weights and of its cache slice
+        per step (their dynamic slices; bf16 weights are sliced as uint16 bits, `_to_bits`). The
+        weights' copy is small; the cache slice's grows with the rows, so the sampler unrolls the
+        blocks over a per-layer cache for large batches (sampling.py, `UNROLL_ROWS`). A full
+        forward pass under a scan ran 1.4x slower on CPU and compiled no faster (BENCHMARKS.md).
         The parameters stay one subtree per layer (`layers_{i}`, as in HF checkpoints); a caller
         that applies the model many times with the same weights stacks them once (`stack_layers`),
-        otherwise they are stacked here.
+        otherwise the scan stacks them here. Both paths accept either form and compute the same.
         """
         cfg = self.cfg
         if cache is None or self.is_initializing():
@@ -278,8 +286,18 @@ class Transformer(nn.Module):
                 x_BTE, _ = layer(x_BTE, positions_BT, mask_BTS)
             return x_BTE, None
         params = self.variables["params"]
-        stacked = params[STACKED] if STACKED in params else _stack(params, cfg.num_layers)
         block = Block(cfg, parent=None)
+        if isinstance(cache, (list, tuple)):
+            new_cache = []
+            for i, kv in enumerate(cache):
+                if STACKED in params:
+                    layer_params = jax.tree.map(lambda a: a[i], params[STACKED])  # noqa: B023
+                else:
+                    layer_params = params[f"layers_{i}"]
+                x_BTE, kv = block.apply({"params": layer_params}, x_BTE, positions_BT, mask_BTS, kv, cache_index)
+                new_cache.append(kv)
+            return x_BTE, new_cache
+        stacked = params[STACKED] if STACKED in params else _stack(params, cfg.num_layers)
         dtypes = jax.tree.map(lambda a: a.dtype, stacked)
 
         def body(carry, xs):
@@ -359,7 +377,7 @@ class Transformer(nn.Module):
         Args:
           tokens_BT: new token ids, written to cache slots [cache_index, cache_index + T).
           positions_BT: their RoPE positions.
-          cache: per-layer {"k": [B, K, D, S], "v": [B, K, S, D]} (see `init_cache`).
+          cache: stacked or per-layer keys and values (see `init_cache`).
           cache_index: int scalar, first slot to write.
           kv_mask_BS: which cache slots hold real tokens, *including* the T being written.
           kv_positions_BS: positions of the cache slots (only needed for sliding windows).
@@ -409,28 +427,42 @@ def _stack(params: dict, num_layers: int) -> dict:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *(params[f"layers_{i}"] for i in range(num_layers)))
 
 
-def stack_layers(params: dict, cfg: ModelConfig) -> dict:
+def _cast_kernels(tree, cfg: ModelConfig):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x.astype(cfg.jnp_dtype) if getattr(path[-1], "key", None) == "kernel" else x, tree
+    )
+
+
+def stack_layers(params: dict, cfg: ModelConfig, stack: bool = True) -> dict:
     """`params` with the blocks' per-layer subtrees replaced by one stacked subtree (leading axis L).
 
     A model applied with a KV cache (`Transformer.decode`) accepts either form and computes the
     same; a caller that applies it many times with the same weights (the sampler's decode loop)
-    stacks once, outside the loop. The stacked kernels are cast to the matmul dtype (`cfg.dtype`),
+    stacks once, outside the loop. The blocks' kernels are cast to the matmul dtype (`cfg.dtype`),
     which every use of them casts to anyway: the result is exact, and a scan step then copies
-    half the bytes when that dtype is bf16.
+    half the bytes when that dtype is bf16. `stack=False` only casts (for the blocks unrolled
+    over a per-layer cache, which read each layer's subtree as it is).
     """
-    stacked = _stack(params, cfg.num_layers)
-    stacked = jax.tree_util.tree_map_with_path(
-        lambda path, x: x.astype(cfg.jnp_dtype) if getattr(path[-1], "key", None) == "kernel" else x, stacked
-    )
+    layers = {k: v for k, v in params.items() if k.startswith("layers_")}
     out = {k: v for k, v in params.items() if not k.startswith("layers_")}
-    out[STACKED] = stacked
+    if stack:
+        out[STACKED] = _cast_kernels(_stack(layers, cfg.num_layers), cfg)
+    else:
+        out.update(_cast_kernels(layers, cfg))
     return out
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
-    """Zeroed KV cache of every layer: {"k": [L, B, K, D, S], "v": [L, B, K, S, D]} (see Attention)."""
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None, per_layer: bool = False) -> Cache:
+    """Zeroed KV cache of every layer (see Attention for the layout).
+
+    Stacked (the default): {"k": [L, B, K, D, S], "v": [L, B, K, S, D]}, and `Transformer.decode`
+    runs the blocks as a scan. `per_layer`: a list of L {"k": [B, K, D, S], "v": [B, K, S, D]},
+    and the blocks run unrolled, each reading and writing its own buffers in place.
+    """
     dtype = dtype or cfg.jnp_activation_dtype
     n, b, k, d = cfg.num_layers, batch, cfg.num_kv_heads, cfg.head_dim
+    if per_layer:
+        return [{"k": jnp.zeros((b, k, d, length), dtype), "v": jnp.zeros((b, k, length, d), dtype)} for _ in range(n)]
     return {"k": jnp.zeros((n, b, k, d, length), dtype), "v": jnp.zeros((n, b, k, length, d), dtype)}
 
 
