@@ -86,9 +86,26 @@ def test_dot_f32_dispatch_keeps_shapes_and_values():
         rtol=1e-6,
         atol=1e-6,
     )
-    # float32 inputs keep the plain path bit for bit.
+    # float32 inputs: a plain 2-d dot (no custom VJP), the same numbers.
     xf, wf = x4.astype(jnp.float32), w3.astype(jnp.float32)
     dn = (((2, 3), (0, 1)), ((), ()))
     np.testing.assert_array_equal(
         cpu_matmul.dot_f32(xf, wf, dn), jax.lax.dot_general(xf, wf, dn, preferred_element_type=jnp.float32)
     )
+
+
+def test_projections_and_their_gradients_are_2d_dots_on_cpu():
+    # On CPU a [B, L, E] x [E, M] projection runs as one [B*L, E] x [E, M] dot, forward and
+    # backward, in float32 too: XLA's CPU backend computed the weight gradient that contracts B and
+    # L together ~1.3x slower than the 2-d one (BENCHMARKS.md). Under `disabled` it stays 3-d.
+    x, w = (a.astype(jnp.float32) for a in _inputs((2, 5, 8), (8, 6), seed=6))
+    dn = (((2,), (0,)), ((), ()))
+
+    def dot_ranks():
+        loss = lambda x, w: jnp.sum(jnp.tanh(cpu_matmul.dot_f32(x, w, dn)))  # noqa: E731
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w)
+        return sorted({len(e.invars[0].aval.shape) for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"})
+
+    assert dot_ranks() == [2]
+    with cpu_matmul.disabled():
+        assert 3 in dot_ranks()

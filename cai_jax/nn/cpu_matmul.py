@@ -1,10 +1,11 @@
-"""bf16 matmuls for the CPU whose backward stays in XLA's bf16 kernel (used by nn/llama.py).
+"""The projections' matmuls on the CPU: 2-d products, and a bf16 backward that stays in XLA's bf16 kernel.
 
 Matmuls take inputs in cfg.dtype and accumulate and return float32 (bf16 x bf16 -> f32 is the
 fast path on CPUs with AVX512-BF16 and on accelerators); the result is then cast to the
-activation dtype. On the CPU backend, bf16 projections go through `matmul` / `matmul_t`, custom
-VJPs whose backward dots are plain row-major products (see `_row_major_t` for why); elsewhere, and
-for every other dtype, `dot_f32` is plain `dot_general`.
+activation dtype. On the CPU backend every projection runs as a 2-d [N, K] x [K, M] product
+(`dot_f32`), and bf16 projections go through `matmul` / `matmul_t`, custom VJPs whose backward
+dots are plain row-major products (see `_row_major_t` for why); elsewhere `dot_f32` is plain
+`dot_general`.
 
     y = cpu_matmul.dot_f32(x, w, (((2,), (0,)), ((), ())))     # the Dense layers' dot_general
     with cpu_matmul.disabled():                              # trace as for an accelerator
@@ -20,7 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-__all__ = ["dot_f32", "matmul", "matmul_t", "applies", "disabled"]
+__all__ = ["dot_f32", "matmul", "matmul_t", "applies", "on_cpu", "disabled"]
 
 _ENABLED = [True]
 
@@ -82,9 +83,14 @@ def _matmul_t_bwd(res, dy_NM):
 matmul_t.defvjp(_matmul_t_fwd, _matmul_t_bwd)
 
 
+def on_cpu() -> bool:
+    """Whether dots are traced for XLA's CPU backend (flattened to 2-d, see `dot_f32`), unless `disabled`."""
+    return _ENABLED[0] and jax.default_backend() == "cpu"
+
+
 def applies(x: jax.Array) -> bool:
     """Whether a dot with bf16 input `x` takes the custom-VJP path: on the CPU backend, unless `disabled`."""
-    return _ENABLED[0] and x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
+    return x.dtype == jnp.bfloat16 and on_cpu()
 
 
 @contextlib.contextmanager
@@ -99,13 +105,23 @@ def disabled():
 
 
 def dot_f32(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """`dot_general` -> float32. bf16 dots contracting lhs's trailing dims with rhs's leading dims
-    (every projection) take `matmul` on CPU, so their backward runs in bf16 too."""
+    """`dot_general` -> float32.
+
+    On CPU a dot contracting lhs's trailing dims with rhs's leading dims (every projection) runs
+    as one [N, K] x [K, M] product: given [B, L, E] activations, XLA's CPU backend computed the
+    weight gradient (contracting B and L together) ~1.3x slower than the 2-d product's (an fp32
+    MLP forward+backward, 8 x 256 tokens of SmolLM2-135M: 364 -> 271 ms; BENCHMARKS.md). bf16
+    dots then take `matmul`, so their backward runs in bf16 too.
+    """
     (lc, rc), (lb, rb) = dimension_numbers
     n = len(lc)
     plain = not lb and not rb and tuple(lc) == tuple(range(lhs.ndim - n, lhs.ndim)) and tuple(rc) == tuple(range(n))
-    if not (plain and applies(lhs) and rhs.dtype == lhs.dtype):
+    if not (plain and on_cpu()):
         return _dot_f32_plain(lhs, rhs, dimension_numbers, precision)
     k = math.prod(rhs.shape[:n])
-    y = matmul(lhs.reshape(-1, k), rhs.reshape(k, -1))
+    x_NK, w_KM = lhs.reshape(-1, k), rhs.reshape(k, -1)
+    if applies(lhs) and rhs.dtype == lhs.dtype:
+        y = matmul(x_NK, w_KM)
+    else:
+        y = _dot_f32_plain(x_NK, w_KM, (((1,), (0,)), ((), ())), precision)
     return y.reshape(lhs.shape[: lhs.ndim - n] + rhs.shape[n:])

@@ -315,9 +315,12 @@ class Transformer(nn.Module):
         if self.cfg.tie_word_embeddings:
             emb_VE = jnp.asarray(self.embed_tokens.embedding, self.cfg.jnp_dtype)
             h_BTE = h_BTE.astype(self.cfg.jnp_dtype)
+            b, t, e = h_BTE.shape
             if cpu_matmul.applies(h_BTE):
-                b, t, e = h_BTE.shape
                 logits = cpu_matmul.matmul_t(h_BTE.reshape(b * t, e), emb_VE).reshape(b, t, -1)
+            elif cpu_matmul.on_cpu():  # 2-d, as `cpu_matmul.dot_f32` does for the projections
+                h_NE = h_BTE.reshape(b * t, e)
+                logits = jnp.einsum("ne,ve->nv", h_NE, emb_VE, preferred_element_type=jnp.float32).reshape(b, t, -1)
             else:
                 logits = jnp.einsum("bte,ve->btv", h_BTE, emb_VE, preferred_element_type=jnp.float32)
         else:
