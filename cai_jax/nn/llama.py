@@ -315,12 +315,14 @@ class Transformer(nn.Module):
         if self.cfg.tie_word_embeddings:
             emb_VE = jnp.asarray(self.embed_tokens.embedding, self.cfg.jnp_dtype)
             h_BTE = h_BTE.astype(self.cfg.jnp_dtype)
-            b, t, e = h_BTE.shape
-            if cpu_matmul.applies(h_BTE):
-                logits = cpu_matmul.matmul_t(h_BTE.reshape(b * t, e), emb_VE).reshape(b, t, -1)
-            elif cpu_matmul.on_cpu():  # 2-d, as `cpu_matmul.dot_f32` does for the projections
+            if cpu_matmul.on_cpu():  # a 2-d product, as `cpu_matmul.dot_f32` runs the projections
+                b, t, e = h_BTE.shape
                 h_NE = h_BTE.reshape(b * t, e)
-                logits = jnp.einsum("ne,ve->nv", h_NE, emb_VE, preferred_element_type=jnp.float32).reshape(b, t, -1)
+                if cpu_matmul.applies(h_NE):
+                    logits_NV = cpu_matmul.matmul_t(h_NE, emb_VE)
+                else:
+                    logits_NV = jnp.einsum("ne,ve->nv", h_NE, emb_VE, preferred_element_type=jnp.float32)
+                logits = logits_NV.reshape(b, t, -1)
             else:
                 logits = jnp.einsum("bte,ve->btv", h_BTE, emb_VE, preferred_element_type=jnp.float32)
         else:
